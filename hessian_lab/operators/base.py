@@ -1,0 +1,249 @@
+"""Shared machinery of the curvature operators: data looping, normalization, caching, checks.
+
+Every operator is C = Σ_b w_b C_b over the batches b of the data, where C_b is the batch's
+curvature under the loss's own reduction and w_b = N_b / N for ``"mean"`` (so the data set is
+averaged exactly as one big batch would be) or 1 for ``"sum"``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import nn
+
+from hessian_lab.core import (
+    Batch,
+    BatchSource,
+    check_model_mode,
+    functional_model,
+    params_to_vector,
+    select_parameters,
+    vector_to_params,
+)
+from hessian_lab.output_curvature import loss_reduction
+
+
+class CurvatureOperator(ABC):
+    """A P×P curvature matrix of the loss, available only through products.
+
+    Args:
+        model: The network, an ``nn.Module`` (for DDP pass ``ddp_model.module``).
+        loss_fn: ``nn.CrossEntropyLoss``, ``nn.MSELoss``, ``nn.BCEWithLogitsLoss`` (``"mean"`` or
+            ``"sum"``) or any callable ``(outputs, targets) -> scalar``; a callable without a
+            ``reduction`` attribute is taken to average over the examples of a batch.
+        data: One ``(inputs, targets)`` batch or an iterable of batches (e.g. a DataLoader).
+        params: ``None`` for every parameter with ``requires_grad``, or a list of names.
+        cache: Keep per-batch work that does not depend on the vector (forward pass, output
+            curvature, VJP closure, linearized JVP) between products. ``None`` caches when the
+            data is held in memory (one batch or a list of batches) and streams a DataLoader;
+            ``True`` with a DataLoader reads it once into memory; ``False`` saves memory.
+        allow_train_mode: Accept BatchNorm/Dropout layers in train mode.
+
+    Attributes:
+        shape: ``(P, P)``.
+        dtype: The parameters' dtype.
+        device: The parameters' device.
+        param_names: Names of the parameters spanning θ, in the flat order.
+        num_examples: N, the number of examples in the data.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        data: Batch | Iterable[Batch],
+        params: Sequence[str] | None = None,
+        *,
+        cache: bool | None = None,
+        allow_train_mode: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+        check_model_mode(model, allow_train_mode)
+        self.model = model
+        self.loss_fn = loss_fn
+        self.reduction = loss_reduction(loss_fn)
+        selected = select_parameters(model, params)
+        self.param_names = list(selected)
+        self._params = {n: p.detach() for n, p in selected.items()}
+        self._f = functional_model(model, self.param_names)
+        first = next(iter(self._params.values()))
+        self.dtype: torch.dtype = first.dtype
+        self.device: torch.device = first.device
+        self.num_params = sum(p.numel() for p in self._params.values())
+        self.shape = (self.num_params, self.num_params)
+
+        source = BatchSource(data)
+        self.cache = source.is_fixed if cache is None else bool(cache)
+        if self.cache and not source.is_fixed:
+            source = BatchSource(list(source))
+        self._source = source
+        self.num_examples = source.num_examples
+        self._states: list[tuple[float, Any]] | None = None
+        self._gradient: torch.Tensor | None = None
+        self._loss: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------------------------------
+    # What each operator defines: its per-batch state and the products with it.
+
+    @abstractmethod
+    def _batch_state(self, inputs: torch.Tensor, targets: torch.Tensor) -> Any:
+        """Tangent-independent work for one batch (a forward pass, closures, factors)."""
+
+    @abstractmethod
+    def _batch_matmat(self, state: Any, tangents: dict[str, torch.Tensor]) -> torch.Tensor:
+        """C_b applied to k tangents (dict of ``[k, *shape]``); returns ``[P, k]``."""
+
+    @abstractmethod
+    def _batch_quadratic(self, state: Any, tangent: dict[str, torch.Tensor]) -> torch.Tensor:
+        """vᵀ C_b v for one tangent (dict of parameter-shaped tensors)."""
+
+    @abstractmethod
+    def _batch_gradient(self, state: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_b, ∇L_b flat) from the batch state."""
+
+    # ----------------------------------------------------------------------------------------
+
+    def _weight(self, batch_size: int) -> float:
+        return batch_size / self.num_examples if self.reduction == "mean" else 1.0
+
+    def _check_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if inputs.device != self.device:
+            raise ValueError(
+                f"A batch's inputs are on {inputs.device} but the parameters are on "
+                f"{self.device}; move the data to the model's device."
+            )
+
+    def _iter_states(self) -> Iterator[tuple[float, Any]]:
+        if self.cache and self._states is not None:
+            yield from self._states
+            return
+        states = []
+        for inputs, targets in self._source:
+            self._check_batch(inputs, targets)
+            item = (self._weight(inputs.shape[0]), self._batch_state(inputs, targets))
+            if self.cache:
+                states.append(item)
+            yield item
+        if self.cache:
+            self._states = states
+
+    def _check_vector(self, v: Any, matrix: bool) -> torch.Tensor:
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(
+                f"Expected a torch.Tensor, got {type(v).__name__}; use to_scipy() for numpy."
+            )
+        want = "[P, k]" if matrix else "[P]"
+        if v.dim() != (2 if matrix else 1) or v.shape[0] != self.num_params:
+            raise ValueError(
+                f"Expected a tensor of shape {want} with P={self.num_params}, got "
+                f"{tuple(v.shape)}. Flatten parameter-shaped tensors with params_to_vector."
+            )
+        if v.dtype != self.dtype:
+            raise ValueError(
+                f"Vector dtype {v.dtype} differs from the operator's {self.dtype}; "
+                f"convert it with v.to({self.dtype})."
+            )
+        if v.device != self.device:
+            raise ValueError(
+                f"Vector is on {v.device} but the operator is on {self.device}; "
+                f"move it with v.to('{self.device}')."
+            )
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError("Vector has NaN or infinite entries; a product with it is undefined.")
+        return v
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """Return C V for a ``[P, k]`` matrix V (k products, batched with ``torch.func.vmap``)."""
+        V = self._check_vector(V, matrix=True)
+        tangents = vector_to_params(V, self._params)
+        out = torch.zeros_like(V)
+        with torch.no_grad():
+            for weight, state in self._iter_states():
+                out.add_(self._batch_matmat(state, tangents), alpha=weight)
+        return out
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """Return C v for a flat vector v of length P."""
+        v = self._check_vector(v, matrix=False)
+        return self.matmat(v.unsqueeze(1)).squeeze(1)
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matmat(v) if isinstance(v, torch.Tensor) and v.dim() == 2 else self.matvec(v)
+
+    def quadratic_form(self, v: torch.Tensor) -> torch.Tensor:
+        """Return vᵀ C v (a 0-dim tensor, no host synchronization)."""
+        v = self._check_vector(v, matrix=False)
+        tangent = vector_to_params(v, self._params)
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            for weight, state in self._iter_states():
+                total = total + weight * self._batch_quadratic(state, tangent)
+        return total
+
+    def _gradient_and_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._gradient is None or not self.cache:
+            grad = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
+            loss = torch.zeros((), dtype=self.dtype, device=self.device)
+            for weight, state in self._iter_states():
+                batch_loss, batch_grad = self._batch_gradient(state)
+                grad.add_(batch_grad, alpha=weight)
+                loss = loss + weight * batch_loss
+            self._gradient, self._loss = grad, loss
+        return self._gradient, self._loss
+
+    def gradient(self) -> torch.Tensor:
+        """Return G = ∇h(θ), the flat gradient of the risk over the whole data."""
+        return self._gradient_and_loss()[0]
+
+    def loss(self) -> torch.Tensor:
+        """Return the risk h(θ) over the whole data (a 0-dim tensor)."""
+        return self._gradient_and_loss()[1]
+
+    def to_dense(self, chunk_size: int = 256) -> torch.Tensor:
+        """Materialize C as a ``[P, P]`` tensor, ``chunk_size`` columns at a time."""
+        eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
+        cols = [
+            self.matmat(eye[:, i : i + chunk_size]) for i in range(0, self.num_params, chunk_size)
+        ]
+        return torch.cat(cols, dim=1)
+
+    def to_scipy(self) -> LinearOperator:
+        """Return a ``scipy.sparse.linalg.LinearOperator`` view (numpy in, numpy out).
+
+        Works with ``scipy.sparse.linalg.eigsh``, ``cg``, ``minres`` and ``lobpcg``; inputs are
+        cast to the operator's dtype and device, outputs come back to the host.
+        """
+
+        def to_torch(x: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(np.ascontiguousarray(x), device=self.device).to(self.dtype)
+
+        def mv(x: np.ndarray) -> np.ndarray:
+            return self.matvec(to_torch(x).reshape(-1)).cpu().numpy()
+
+        def mm(X: np.ndarray) -> np.ndarray:
+            return self.matmat(to_torch(X)).cpu().numpy()
+
+        np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
+        return LinearOperator(
+            self.shape, matvec=mv, rmatvec=mv, matmat=mm, rmatmat=mm, dtype=np_dtype
+        )
+
+    def params_to_vector(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Flatten parameter-shaped tensors in this operator's order."""
+        return params_to_vector([tensors[n] for n in self.param_names])
+
+    def vector_to_params(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split a flat vector into parameter-shaped tensors keyed by name."""
+        return vector_to_params(vector, self._params)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(P={self.num_params}, N={self.num_examples}, "
+            f"dtype={self.dtype}, device={self.device}, reduction={self.reduction!r})"
+        )

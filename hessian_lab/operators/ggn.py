@@ -1,0 +1,82 @@
+"""The paper's Q: the generalized Gauss–Newton matrix (ADLER §2.2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hessian_lab.core import Linearization, params_to_matrix, params_to_vector
+from hessian_lab.operators.base import CurvatureOperator
+from hessian_lab.output_curvature import OutputCurvature, OutputState, output_curvature
+
+
+@dataclass
+class JacobianState:
+    """A batch's linearization plus its output-space curvature (shared with the Fisher)."""
+
+    linearization: Linearization
+    curvature: OutputCurvature
+    output_state: OutputState
+
+
+def jacobian_state(
+    op: CurvatureOperator, inputs: torch.Tensor, targets: torch.Tensor
+) -> JacobianState:
+    """Forward once, keep the VJP closure, the linearized JVP and Λ's factors."""
+    lin = Linearization(op._f, op._params, inputs, linearize=op.cache)
+    curvature = output_curvature(op.loss_fn, lin.outputs, targets)
+    return JacobianState(lin, curvature, curvature.state(lin.outputs, targets))
+
+
+def jacobian_gradient(state: JacobianState) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_b, ∇L_b = Jᵀ ∂L_b/∂z) from a batch's Jacobian state."""
+    grad = state.linearization.vjp(state.output_state.output_grad)
+    return state.output_state.loss, params_to_vector(grad)
+
+
+class GGNOperator(CurvatureOperator):
+    r"""The paper's Q, the generalized Gauss–Newton (GGN) matrix of the risk.
+
+    .. math:: Q = \frac{1}{N} \sum_n J_n^\top \Lambda_n J_n, \qquad
+              \Lambda_n = \nabla^2_z \ell(z_n, y_n),\ J_n = \partial z_n / \partial \theta
+
+    (drop 1/N for ``reduction="sum"``). This is ADLER's positive semi-definite approximation
+    Q_S(θ) = ∇F_S(θ)ᵀ ∇²L_S(F_S(θ)) ∇F_S(θ) (Balboni & Bacciu, §2.2), known in the literature as
+    the generalized Gauss–Newton matrix (Schraudolph 2002; Martens 2010). It is the Hessian H
+    without the term Σ (∂ℓ/∂z)·∇²z, so it is PSD whenever the loss is convex in z.
+
+    A product Q v costs one JVP (u = J v), an output-space product Λ u and one VJP; the quadratic
+    form vᵀQv = (1/N) Σ u_nᵀ Λ_n u_n needs no VJP. See :class:`CurvatureOperator` for arguments.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hessian_lab import GGNOperator
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+        >>> data = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
+        >>> Q = GGNOperator(model, nn.CrossEntropyLoss(), data)
+        >>> Q.shape
+        (23, 23)
+        >>> bool(Q.quadratic_form(torch.randn(23)) >= 0)
+        True
+    """
+
+    def _batch_state(self, inputs: torch.Tensor, targets: torch.Tensor) -> JacobianState:
+        return jacobian_state(self, inputs, targets)
+
+    def _batch_matmat(
+        self, state: JacobianState, tangents: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        u = state.linearization.jvp_batched(tangents)
+        w = state.curvature.hessian_vector(state.output_state, u)
+        return params_to_matrix(state.linearization.vjp_batched(w))
+
+    def _batch_quadratic(
+        self, state: JacobianState, tangent: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        u = state.linearization.jvp(tangent)
+        return state.curvature.quadratic_form(state.output_state, u)
+
+    def _batch_gradient(self, state: JacobianState) -> tuple[torch.Tensor, torch.Tensor]:
+        return jacobian_gradient(state)
