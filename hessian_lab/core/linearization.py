@@ -19,8 +19,10 @@ class Linearization:
         f: Pure model function ``f(params, inputs) -> outputs``.
         params: The point θ (detached tensors keyed by name).
         inputs: The batch's inputs x.
-        linearize: Trace the JVP once with ``torch.func.linearize`` so that each JVP skips the
-            primal computation. ``False`` uses ``torch.func.jvp`` each time (less memory).
+        linearize: From the second JVP on, trace the JVP once with ``torch.func.linearize`` so
+            that later JVPs skip the primal computation. Tracing costs about two gradients, so
+            the first JVP uses ``torch.func.jvp`` (an operator used once never pays for it).
+            ``False`` always uses ``torch.func.jvp`` (less memory).
 
     Attributes:
         outputs: z = f(x; θ), detached.
@@ -42,24 +44,37 @@ class Linearization:
         with torch.enable_grad():
             outputs, self._vjp_fn = torch.func.vjp(g, params)
         self.outputs = outputs.detach()
-        self._jvp_fn = None
-        if linearize:
+        self._linearize = linearize
+        self._jvp_calls = 0
+        self._jvp_fn: Callable | None = None
+
+    def _linearized(self) -> Callable | None:
+        self._jvp_calls += 1
+        if self._jvp_fn is None and self._linearize and self._jvp_calls > 1:
             with warnings.catch_warnings():
                 # linearize's constant folding warns about attributes it does not need.
                 warnings.filterwarnings("ignore", message="Attempted to insert a get_attr")
-                _, self._jvp_fn = torch.func.linearize(g, params)
+                _, self._jvp_fn = torch.func.linearize(self._g, self._params)
+        return self._jvp_fn
 
     def jvp(self, tangents: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Return u = J v for one tangent (parameter-shaped dict); shape of z."""
-        if self._jvp_fn is not None:
-            return self._jvp_fn(dict(tangents))
+        jvp_fn = self._linearized()
+        if jvp_fn is not None:
+            return jvp_fn(dict(tangents))
         return torch.func.jvp(self._g, (self._params,), (dict(tangents),))[1]
 
     def jvp_batched(self, tangents: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Return ``[k, *z.shape]`` for k tangents given as ``[k, *shape]`` tensors."""
         if next(iter(tangents.values())).shape[0] == 1:
             return self.jvp({n: t[0] for n, t in tangents.items()}).unsqueeze(0)
-        return torch.func.vmap(self.jvp)(dict(tangents))
+        jvp_fn = self._linearized()  # decided outside vmap: tracing must not run under it
+        if jvp_fn is None:
+
+            def jvp_fn(t: dict[str, torch.Tensor]) -> torch.Tensor:
+                return torch.func.jvp(self._g, (self._params,), (t,))[1]
+
+        return torch.func.vmap(jvp_fn)(dict(tangents))
 
     def vjp(self, cotangent: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return Jᵀ w for one output-shaped cotangent w, as a parameter-shaped dict."""
