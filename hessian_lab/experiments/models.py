@@ -8,6 +8,9 @@ All models follow the paper's setting (ADLER, §3 "Experiments"; ``DESIGN.md`` �
   ``W ~ N(0, σ²)`` with ``σ = last_layer_std`` (default ``1/sqrt(fan_in)``, LeCun-normal) and a zero
   bias. This is the assumption under which the paper drops the second-order term of the Hessian
   (``E[∂ℓ/∂ŷ] = 0`` at initialization) to obtain the PSD approximation Q;
+* hidden Linear/Conv layers of the MLP and CNN are drawn ``N(0, gain²/fan_in)`` with zero bias
+  (variance preserving; PyTorch's default shrinks the signal layer after layer, which without
+  batch norm stalls training); the ViT keeps PyTorch's defaults (its LayerNorms fix the scale);
 * activation ∈ {relu, sigmoid, tanh}; width and depth configurable; input shape
   ``(channels, height, width)`` and number of classes configurable so that tiny instances
   (a few hundred parameters) can serve as float64 dense references in tests.
@@ -30,6 +33,7 @@ __all__ = [
     "CNN",
     "MLP",
     "MODEL_NAMES",
+    "MODEL_OPTIONS",
     "ViT",
     "build_model",
     "make_activation",
@@ -70,6 +74,23 @@ def _zero_mean_last_layer(layer: nn.Linear, std: float | None) -> None:
         layer.weight.normal_(0.0, std)
         if layer.bias is not None:
             layer.bias.zero_()
+
+
+def _variance_preserving_init(module: nn.Module, activation: str) -> None:
+    """He/Xavier-style init ``W ~ N(0, gain² / fan_in)``, zero bias, for every Linear/Conv2d.
+
+    PyTorch's default init shrinks the signal by about ``1/√3`` per layer; without batch norm a
+    few such layers leave the logits, and the gradients of the lower layers, near zero. The gain is
+    ``torch.nn.init.calculate_gain(activation)`` (√2 for relu, 5/3 for tanh, 1 for sigmoid).
+    """
+    gain = nn.init.calculate_gain(activation)
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.kaiming_normal_(m.weight, a=0.0, nonlinearity="linear")  # std 1/sqrt(fan_in)
+            with torch.no_grad():
+                m.weight.mul_(gain)
+                if m.bias is not None:
+                    m.bias.zero_()
 
 
 def _check_in_shape(in_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -120,6 +141,7 @@ class MLP(nn.Module):
             layers += [nn.Linear(fan_in, width), make_activation(activation)]
             fan_in = width
         self.features = nn.Sequential(*layers)
+        _variance_preserving_init(self.features, activation)
         self.head = nn.Linear(fan_in, num_classes)
         _zero_mean_last_layer(self.head, last_layer_std)
 
@@ -194,6 +216,7 @@ class CNN(nn.Module):
                 layers.append(nn.AvgPool2d(2))
                 h, w = h // 2, w // 2
         self.features = nn.Sequential(*layers)
+        _variance_preserving_init(self.features, activation)
         self.head = nn.Linear(width, num_classes)
         _zero_mean_last_layer(self.head, last_layer_std)
 
@@ -325,6 +348,9 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, object], tuple[str, ...]]]
 
 #: Valid names for :func:`build_model`.
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+#: Model name -> the model-specific options :func:`build_model` accepts for it.
+MODEL_OPTIONS: dict[str, tuple[str, ...]] = {name: entry[2] for name, entry in _REGISTRY.items()}
 
 
 def build_model(

@@ -1,0 +1,127 @@
+"""Gather finished (and unfinished) runs into a table and summarize them like the paper's Table 1.
+
+Table 1 of the paper reports, per model and activation, the final CIFAR-100 test accuracy as
+mean ± std over the variations (widths, depths, seeds) for three optimizers: SGD with the best of
+its ten learning rates, ADLER and GN. :func:`paper_table` reproduces that from run folders: for
+SGD it first keeps, for every variation, the learning rate with the best final metric.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from hessian_lab.experiments.config import TrainConfig
+from hessian_lab.experiments.run_log import read_jsonl
+from hessian_lab.experiments.training import RESULT_NAME
+
+__all__ = ["collect_runs", "paper_table"]
+
+_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
+
+
+def _find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    found: set[Path] = set()
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        if (path / "config.json").is_file():
+            found.add(path)
+        found.update(p.parent for p in path.rglob("config.json"))
+    return sorted(found)
+
+
+def collect_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """One row per run folder found under ``paths`` (a folder holding ``config.json``).
+
+    Columns: ``name``, ``status`` (``finished``, ``failed`` if ``error.txt`` exists, else
+    ``incomplete``), ``epoch`` reached, the final ``train_loss``, ``train_acc``, ``test_loss``,
+    ``test_acc``, ``best_test_acc``, then the configuration fields (``model_options`` as JSON).
+
+    Raises:
+        FileNotFoundError: A path does not exist.
+    """
+    rows: list[dict[str, Any]] = []
+    for run_dir in _find_run_dirs(paths):
+        config = TrainConfig.load(run_dir / "config.json").to_dict()
+        epochs = read_jsonl(run_dir / "epochs.jsonl") if (run_dir / "epochs.jsonl").exists() else []
+        last = epochs[-1] if epochs else {}
+        if (run_dir / RESULT_NAME).exists():
+            status = "finished"
+            result = json.loads((run_dir / RESULT_NAME).read_text())
+        else:
+            status = "failed" if (run_dir / "error.txt").exists() else "incomplete"
+            result = {}
+        test_accs = [float(r["test_acc"]) for r in epochs]
+        row: dict[str, Any] = {
+            "name": config["name"],
+            "status": status,
+            "epoch": last.get("epoch"),
+            **{m: float(last[m]) if m in last else None for m in _METRICS},
+            "best_test_acc": result.get("best_test_acc", max(test_accs, default=None)),
+            "run_dir": str(run_dir),
+        }
+        config["model_options"] = json.dumps(config["model_options"], sort_keys=True)
+        config["synthetic_shape"] = "x".join(str(s) for s in config["synthetic_shape"])
+        row.update({k: v for k, v in config.items() if k not in row})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+#: Configuration fields that are not part of a "variation" (naming, bookkeeping).
+_NOT_VARIATION = {"name", "out_dir", "device", "eval_batch_size", "log_every", "download"}
+
+
+def paper_table(
+    runs: pd.DataFrame,
+    metric: str = "test_acc",
+    rows: tuple[str, ...] = ("dataset", "model", "activation"),
+) -> pd.DataFrame:
+    """Mean ± std of the final ``metric`` per ``rows`` × optimizer, as in the paper's Table 1.
+
+    Only finished runs count. SGD runs are first reduced to the best learning rate of each
+    variation (same configuration except ``lr``): the "best result of a grid search over ten SGD
+    learning rates". For loss metrics "best" means lowest, otherwise highest.
+
+    Args:
+        runs: Output of :func:`collect_runs`.
+        metric: A column of ``runs`` (``test_acc``, ``train_loss``, ``best_test_acc``, ...).
+        rows: Columns that index the table's rows.
+
+    Returns:
+        One row per ``rows`` value and optimizer with ``mean``, ``std`` (sample std, NaN for a
+        single run), ``n`` and ``text`` ("0.268 ± 0.007").
+    """
+    if runs.empty:
+        return pd.DataFrame(columns=[*rows, "optimizer", "mean", "std", "n", "text"])
+    if metric not in runs.columns:
+        raise ValueError(f"unknown metric {metric!r}; available: {', '.join(runs.columns)}")
+    done = runs[runs["status"] == "finished"].copy()
+    done[metric] = done[metric].astype(float)
+    variation = [
+        c
+        for c in TrainConfig().to_dict()
+        if c not in _NOT_VARIATION and c != "lr" and c in done.columns
+    ]
+    lower_is_better = "loss" in metric
+    sgd = done[done["optimizer"] == "sgd"]
+    if not sgd.empty:
+        # Diverged runs have NaN metrics: they never win (idxmax/idxmin skip NaN).
+        pick = (lambda s: s.idxmin()) if lower_is_better else (lambda s: s.idxmax())
+        picks = sgd.groupby(variation, dropna=False)[metric].apply(
+            lambda s: pick(s) if s.notna().any() else s.index[0]
+        )
+        sgd = sgd.loc[picks.values]
+    table = pd.concat([done[done["optimizer"] != "sgd"], sgd])
+    grouped = table.groupby([*rows, "optimizer"], dropna=False)[metric]
+    out = grouped.agg(["mean", "std", "count"]).rename(columns={"count": "n"}).reset_index()
+    out["text"] = [
+        f"{m:.3f} ± {s:.3f}" if pd.notna(s) else f"{m:.3f}"
+        for m, s in zip(out["mean"], out["std"], strict=True)
+    ]
+    return out
