@@ -1,0 +1,158 @@
+r"""Stochastic trace and squared-Frobenius-norm estimators.
+
+With Rademacher probes ``z`` (:math:`E[z z^\top] = I`):
+
+* Hutchinson (1989): :math:`\operatorname{tr} A = E[z^\top A z]`; variance
+  :math:`2(\|A\|_F^2 - \sum_i A_{ii}^2)` per probe.
+* Hutch++ (Meyer, Musco, Musco & Woodruff 2021): project out a sketch of the top of the spectrum,
+  :math:`\operatorname{tr} A = \operatorname{tr}(Q^\top A Q) + \operatorname{tr}((I - QQ^\top) A
+  (I - QQ^\top))` with ``Q = orth(A S)``; the first term is exact, Hutchinson estimates the second,
+  whose variance is small when the spectrum decays (``O(1/m²)`` error instead of ``O(1/m)`` for
+  ``m`` products).
+* :math:`\|A\|_F^2 = \operatorname{tr}(A^\top A) = E\|A z\|^2`.
+
+Every estimator returns its standard error :math:`s/\sqrt{p}` (``s`` the sample standard deviation
+over the ``p`` probe values), so a user can tell how many digits to trust.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from hessian_lab.linalg.linear_operator import TorchLinearOperator, as_linear_operator
+from hessian_lab.linalg.probes import make_generator, rademacher
+
+__all__ = [
+    "TraceEstimate",
+    "hutchinson_squared_frobenius_norm",
+    "hutchinson_trace",
+    "hutchpp_trace",
+]
+
+
+class TraceEstimate(NamedTuple):
+    """A stochastic estimate.
+
+    Attributes:
+        estimate: The estimate (float).
+        standard_error: Standard error of the stochastic part, ``std(samples) / sqrt(p)``.
+        samples: ``[p]`` per-probe values of the stochastic part (float64, CPU).
+        num_matvecs: Products with the operator used.
+    """
+
+    estimate: float
+    standard_error: float
+    samples: torch.Tensor
+    num_matvecs: int
+
+
+def _standard_error(samples: torch.Tensor) -> float:
+    p = samples.numel()
+    return samples.std().item() / math.sqrt(p) if p > 1 else float("nan")
+
+
+def _probe_blocks(A: TorchLinearOperator, num_probes: int, batch_size: int, seed: int | None):
+    """Yield ``(Z, A Z)`` for blocks of Rademacher probes ``Z`` of shape ``[n, b]``."""
+    gen = make_generator(A.device, seed)
+    done = 0
+    while done < num_probes:
+        b = min(batch_size, num_probes - done)
+        Z = rademacher((A.n, b), generator=gen, dtype=A.dtype, device=A.device)
+        yield Z, A.matmat(Z)
+        done += b
+
+
+def hutchinson_trace(
+    op: object, num_probes: int = 100, seed: int | None = 0, *, batch_size: int = 16
+) -> TraceEstimate:
+    r"""Hutchinson's estimate of :math:`\operatorname{tr} A = E[z^\top A z]`, Rademacher ``z``.
+
+    Args:
+        op: Square linear-operator-like object.
+        num_probes: Number of probes ``p`` (= products).
+        seed: Seed of a :class:`torch.Generator` on the operator's device.
+        batch_size: Probes per ``matmat`` call (memory vs. speed).
+
+    Returns:
+        :class:`TraceEstimate` with the mean of :math:`z_i^\top A z_i` and its standard error.
+
+    Example:
+        >>> import torch
+        >>> est = hutchinson_trace(torch.diag(torch.arange(10.0, dtype=torch.float64)))
+        >>> est.estimate  # diagonal matrix: every probe is exact
+        45.0
+    """
+    A = as_linear_operator(op)
+    vals = [
+        (Z * AZ).sum(dim=0).to("cpu", torch.float64)
+        for Z, AZ in _probe_blocks(A, num_probes, batch_size, seed)
+    ]
+    samples = torch.cat(vals)
+    return TraceEstimate(samples.mean().item(), _standard_error(samples), samples, num_probes)
+
+
+def hutchinson_squared_frobenius_norm(
+    op: object, num_probes: int = 100, seed: int | None = 0, *, batch_size: int = 16
+) -> TraceEstimate:
+    r"""Estimate :math:`\|A\|_F^2 = E\|A z\|^2` with Rademacher ``z``.
+
+    Args:
+        op: Square linear-operator-like object.
+        num_probes: Number of probes (= products).
+        seed: Seed of a :class:`torch.Generator` on the operator's device.
+        batch_size: Probes per ``matmat`` call.
+    """
+    A = as_linear_operator(op)
+    vals = [
+        (AZ * AZ).sum(dim=0).to("cpu", torch.float64)
+        for _, AZ in _probe_blocks(A, num_probes, batch_size, seed)
+    ]
+    samples = torch.cat(vals)
+    return TraceEstimate(samples.mean().item(), _standard_error(samples), samples, num_probes)
+
+
+def hutchpp_trace(
+    op: object, num_matvecs: int = 102, seed: int | None = 0, *, batch_size: int = 16
+) -> TraceEstimate:
+    r"""Hutch++ estimate of :math:`\operatorname{tr} A` (Meyer et al. 2021, Algorithm 1).
+
+    The budget of ``m`` products is split in thirds: a sketch ``S`` of ``m/3`` Rademacher columns,
+    ``Q = orth(A S)`` (``m/3`` products), the exact part :math:`\operatorname{tr}(Q^\top A Q)`
+    (``m/3`` products) and Hutchinson on the deflated :math:`(I - QQ^\top) A (I - QQ^\top)` with
+    the last ``m/3`` probes.
+
+    Args:
+        op: Square linear-operator-like object (symmetric not required).
+        num_matvecs: Total products ``m`` (at least 3).
+        seed: Seed of a :class:`torch.Generator` on the operator's device.
+        batch_size: Probes per ``matmat`` call in the Hutchinson part.
+
+    Returns:
+        :class:`TraceEstimate`; ``standard_error`` is that of the Hutchinson part given ``Q`` (the
+        sketch part has no variance once ``Q`` is drawn), ``samples`` its per-probe values.
+    """
+    A = as_linear_operator(op)
+    if num_matvecs < 3:
+        raise ValueError(f"hutchpp_trace needs num_matvecs >= 3, got {num_matvecs}.")
+    k = min(num_matvecs // 3, A.n)
+    p = num_matvecs - 2 * k
+    gen = make_generator(A.device, seed)
+    S = rademacher((A.n, k), generator=gen, dtype=A.dtype, device=A.device)
+    Q, _ = torch.linalg.qr(A.matmat(S))
+    exact = torch.trace(Q.T @ A.matmat(Q)).to("cpu", torch.float64).item()
+    vals = []
+    done = 0
+    while done < p:
+        b = min(batch_size, p - done)
+        G = rademacher((A.n, b), generator=gen, dtype=A.dtype, device=A.device)
+        G = G - Q @ (Q.T @ G)  # (I - QQᵀ) G
+        # gᵀ(I-QQᵀ)A(I-QQᵀ)g = g'ᵀ A g' for the deflated g' = (I-QQᵀ)g.
+        AG = A.matmat(G)
+        vals.append((G * AG).sum(dim=0).to("cpu", torch.float64))
+        done += b
+    samples = torch.cat(vals) if vals else torch.zeros(0, dtype=torch.float64)
+    rest = samples.mean().item() if samples.numel() else 0.0
+    return TraceEstimate(exact + rest, _standard_error(samples), samples, 2 * k + p)
