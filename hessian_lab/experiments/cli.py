@@ -103,6 +103,15 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         default=S,
         help="override ADLER's curvature matrix (default: ggn for adler, ef for gn)",
     )
+    g.add_argument(
+        "--adler-option",
+        action="append",
+        metavar="KEY=VALUE",
+        default=S,
+        help="extra ADLER argument, repeatable: trust_region=1.0, max_lr=0.5, "
+        "curvature_fraction=0.25, max_consecutive_skips=10, averaging=log (default: none, "
+        "the paper's algorithm)",
+    )
     g.add_argument("--epochs", type=int, default=S, help="passes over the data" + _d("epochs"))
     g.add_argument("--batch-size", type=int, default=S, help="minibatch size" + _d("batch_size"))
     g.add_argument(
@@ -156,6 +165,20 @@ _MODEL_OPTION_FLAGS = ("patch_size", "heads", "mlp_ratio", "last_layer_std")
 _NOT_CONFIG = {"command", "config", "resume", "overwrite", "no_progress", "threads", "func"}
 
 
+def _parse_key_values(items: list[str]) -> dict[str, Any]:
+    """Parse ``["trust_region=1.0", "averaging=log"]``; values are JSON where they parse."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--adler-option expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(text)  # numbers, true/false, null
+        except json.JSONDecodeError:
+            out[key] = text
+    return out
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Merge ``--config`` (if any) with the options given on the command line."""
     values: dict[str, Any] = {}
@@ -165,6 +188,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values = TrainConfig.load(args.config).to_dict()
     given = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
     changed = set(given) - {"device", "name", "out_dir"}
+    if "adler_option" in given:
+        adler = dict(values.get("adler_options", {}))
+        adler.update(_parse_key_values(given.pop("adler_option")))
+        given["adler_options"] = adler
     options = dict(values.get("model_options", {}))
     options.update({k: given.pop(k) for k in _MODEL_OPTION_FLAGS if k in given})
     if args.config is not None and changed:

@@ -47,6 +47,9 @@ class TrainConfig:
         eps: ADLER regularization ε in ``GᵀG / (Gᵀ Q G + ε GᵀG)`` (paper: 1e-10).
         curvature: Override the ADLER curvature (``ggn``, ``ef``, ``ef_batch``, ``hessian``);
             None: ``ggn`` for adler, ``ef`` for gn.
+        adler_options: Extra keyword arguments of :class:`hessian_lab.optim.adler.ADLER`, e.g.
+            the off-by-default extensions ``{"trust_region": 1.0}``, ``{"max_lr": 0.5}``,
+            ``{"curvature_fraction": 0.25}``; empty: the paper's algorithm as written.
         epochs: Passes over the training set.
         batch_size: Minibatch size |I|.
         eval_batch_size: Batch size for the per-epoch evaluation (does not affect results).
@@ -75,6 +78,7 @@ class TrainConfig:
     beta: float = 0.99
     eps: float = 1e-10
     curvature: str | None = None
+    adler_options: dict[str, Any] = field(default_factory=dict)
     epochs: int = 5
     batch_size: int = 64
     eval_batch_size: int = 1024
@@ -111,6 +115,8 @@ class TrainConfig:
                 )
         if not 0.0 <= self.beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {self.beta}")
+        if self.adler_options and self.optimizer == "sgd":
+            raise ValueError("adler_options are given but optimizer is 'sgd'")
         if self.eps < 0:
             raise ValueError(f"eps must be >= 0, got {self.eps}")
         if self.dataset in ("cifar10", "cifar100") and not self.data_dir:
@@ -178,6 +184,8 @@ def default_run_name(config: TrainConfig) -> str:
         opt = f"sgd-lr{config.lr:.3g}"
     if config.curvature is not None:
         opt = f"{opt}-{config.curvature}"
+    for key, value in sorted(config.adler_options.items()):
+        opt = f"{opt}-{key}{value}"
     parts = [config.model, config.activation, f"w{config.width}", f"d{config.depth}"]
     parts += [f"{k}{v}" for k, v in sorted(config.model_options.items())]
     parts += [config.dataset, opt, f"s{config.seed}"]

@@ -57,7 +57,13 @@ class ADLERStepper:
     columns: tuple[str, ...] = ("loss", "eta", "eta_hat", "grad_sq", "curvature", "skipped")
 
     def __init__(
-        self, model: nn.Module, loss_fn: nn.Module, curvature: str, beta: float, eps: float
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        curvature: str,
+        beta: float,
+        eps: float,
+        **options: Any,
     ) -> None:
         try:
             from hessian_lab.optim.adler import ADLER
@@ -65,7 +71,7 @@ class ADLERStepper:
             raise ImportError(
                 f"the ADLER optimizer is unavailable ({err}); use optimizer 'sgd' meanwhile"
             ) from err
-        self.optimizer = ADLER(model, loss_fn, curvature=curvature, beta=beta, eps=eps)
+        self.optimizer = ADLER(model, loss_fn, curvature=curvature, beta=beta, eps=eps, **options)
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """One ADLER step; returns its record's tensors (loss, η_k, η̂_k, GᵀG, GᵀCG, skipped)."""
@@ -91,6 +97,11 @@ def build_optimizer(
     if config.optimizer in ("adler", "gn"):
         default = "ggn" if config.optimizer == "adler" else "ef"
         return ADLERStepper(
-            model, loss_fn, config.curvature or default, beta=config.beta, eps=config.eps
+            model,
+            loss_fn,
+            config.curvature or default,
+            beta=config.beta,
+            eps=config.eps,
+            **config.adler_options,
         )
     raise ValueError(f"unknown optimizer {config.optimizer!r}; valid: adler, gn, sgd")
