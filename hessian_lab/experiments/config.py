@@ -165,10 +165,12 @@ class TrainConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def results_key(self) -> dict[str, Any]:
-        """The fields that change results (everything except naming, device and logging)."""
+        """The fields that change results (all but naming, device, data location and logging)."""
         d = self.to_dict()
+        # Where the data files lie does not change the results; moving them must not block resume.
         for key in ("name", "out_dir", "device", "eval_batch_size", "log_every", "download"):
             d.pop(key)
+        d.pop("data_dir")
         return d
 
 

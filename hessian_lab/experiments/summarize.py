@@ -41,7 +41,7 @@ def collect_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
 
     Columns: ``name``, ``status`` (``finished``, ``failed`` if ``error.txt`` exists, else
     ``incomplete``), ``epoch`` reached, the final ``train_loss``, ``train_acc``, ``test_loss``,
-    ``test_acc``, ``best_test_acc``, then the configuration fields (``model_options`` as JSON).
+    ``test_acc``, ``best_test_acc``, then the configuration fields (option dicts as JSON text).
 
     Raises:
         FileNotFoundError: A path does not exist.
@@ -66,8 +66,10 @@ def collect_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
             "best_test_acc": result.get("best_test_acc", max(test_accs, default=None)),
             "run_dir": str(run_dir),
         }
-        config["model_options"] = json.dumps(config["model_options"], sort_keys=True)
         config["synthetic_shape"] = "x".join(str(s) for s in config["synthetic_shape"])
+        for key, value in config.items():  # dicts as JSON text: table cells must be hashable
+            if isinstance(value, dict):
+                config[key] = json.dumps(value, sort_keys=True)
         row.update({k: v for k, v in config.items() if k not in row})
         rows.append(row)
     return pd.DataFrame(rows)

@@ -246,6 +246,8 @@ def _run_one(config_dict: dict[str, Any], threads: int) -> dict[str, Any]:
         message = f"{type(err).__name__}: {err}"
         error_file.parent.mkdir(parents=True, exist_ok=True)
         error_file.write_text(traceback.format_exc())
+        if not (error_file.parent / "config.json").exists():
+            config.save(error_file.parent / "config.json")  # so `summarize` lists the failure
         return {
             "name": config.name,
             "out_dir": config.out_dir,
