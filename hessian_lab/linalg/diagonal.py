@@ -39,8 +39,8 @@ def hutchinson_diagonal(
 ) -> DiagonalEstimate:
     r"""Estimate :math:`\operatorname{diag}(A)` as the mean of :math:`z \odot A z`.
 
-    Running sums of the samples and of their squares give the standard error without storing
-    ``p`` vectors of size ``n``.
+    Running means and sums of squared deviations give the standard error without storing ``p``
+    vectors of size ``n``.
 
     Args:
         op: Square linear-operator-like object.
@@ -59,23 +59,26 @@ def hutchinson_diagonal(
     """
     A = as_linear_operator(op)
     gen = make_generator(A.device, seed)
-    # Accumulate in float64 at least: the variance formula E[x²] - E[x]² cancels.
-    acc = torch.float64 if A.dtype != torch.float64 else A.dtype
-    total = torch.zeros(A.n, dtype=acc, device=A.device)
-    total_sq = torch.zeros_like(total)
+    # Mean and sum of squared deviations merged batch by batch (Chan, Golub & LeVeque 1979):
+    # stable where E[x²] - E[x]² would cancel, and exact zero variance stays zero.
+    acc = torch.float64
+    mean = torch.zeros(A.n, dtype=acc, device=A.device)
+    m2 = torch.zeros_like(mean)
     done = 0
     while done < num_probes:
         b = min(batch_size, num_probes - done)
         Z = rademacher((A.n, b), generator=gen, dtype=A.dtype, device=A.device)
         X = (Z * A.matmat(Z)).to(acc)
-        total += X.sum(dim=1)
-        total_sq += (X * X).sum(dim=1)
-        done += b
+        b_mean = X.mean(dim=1)
+        b_m2 = ((X - b_mean[:, None]) ** 2).sum(dim=1)
+        delta = b_mean - mean
+        total = done + b
+        mean = mean + delta * (b / total)
+        m2 = m2 + b_m2 + delta * delta * (done * b / total)
+        done = total
     p = num_probes
-    mean = total / p
     if p > 1:
-        var = (total_sq - p * mean * mean).clamp(min=0) / (p - 1)
-        se = torch.sqrt(var / p)
+        se = torch.sqrt(m2 / (p - 1) / p)
     else:
         se = torch.full_like(mean, math.nan)
     return DiagonalEstimate(mean.to(A.dtype), se.to(A.dtype), p)

@@ -153,7 +153,10 @@ class SpectralDensity:
         r"""Fraction of the spectrum below ``-threshold``, with its standard error across probes.
 
         Estimates :math:`\#\{j: \lambda_j < -\mathrm{threshold}\} / n` by the quadrature weight of
-        nodes below ``-threshold``.
+        nodes below ``-threshold``. Unbiased over probes only where the spectrum has a gap around
+        ``-threshold``: Gauss nodes have a resolution of about ``width / num_steps``, so eigenvalue
+        mass piled up next to the threshold (a Hessian's bulk near 0) can be counted on the wrong
+        side. Compare several ``num_steps`` before reading much into small differences.
 
         Args:
             threshold: Default :math:`\sqrt{\varepsilon}\max|\theta|` in the operator's precision,
