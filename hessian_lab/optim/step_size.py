@@ -1,0 +1,343 @@
+r"""Step sizes that minimize the local quadratic model of the loss along a direction (ADLER §2.3).
+
+For a batch I, the risk h = h_I, its gradient G = ∇h(θ), a direction d (default d = G) and a
+curvature matrix C, the quadratic model h(θ − η d) ≈ h − η ∇hᵀd + ½ η² dᵀ(C + εI)d is minimized by
+
+.. math:: \eta = \frac{\nabla h^\top d}{d^\top (C + \varepsilon I) d}
+               = \frac{\nabla h^\top d}{d^\top C d + \varepsilon\, d^\top d}.
+
+With d = G this is the paper's per-batch rate η_k = GᵀG / (GᵀQG + ε GᵀG). The ε of Algorithm 1
+("Hessian regularization", 1e-10) is read as C + εI; this is our interpretation of a garbled text
+(DESIGN.md §3). For the curvatures below it only matters when dᵀCd is tiny.
+
+Curvatures C and their cost on top of one forward + backward for G (DESIGN.md §2):
+
+* ``"ggn"``: the paper's Q, the generalized Gauss–Newton matrix. dᵀQd = uᵀΛu with u = J d:
+  **one forward-mode JVP** (``torch.func.jvp``; it recomputes the primal alongside the tangent,
+  about 1–2 forward passes) and an output-space product. No extra backward.
+* ``"ef"``: the paper's GN read per example (empirical Fisher):
+  dᵀGNd = (1/N) Σ_n (∇ℓ_n · u_n)², same u = J d: **one JVP**, no extra backward.
+* ``"ef_batch"``: GN read on the whole batch, GN = G Gᵀ: dᵀGNd = (Gᵀd)², **free**.
+  With d = G, η = 1 / (‖G‖² + ε).
+* ``"hessian"``: the exact Hessian H. dᵀHd by **one Hessian-vector product**, double backward
+  through the gradient's graph (forward + backward with ``create_graph=True``, then a second
+  backward of about twice the cost). Not ``torch.func.hessian`` or reverse-over-forward, which are
+  wrong through LayerNorm in torch 2.13 (DESIGN.md §6). H can be indefinite: when
+  dᵀHd + ε dᵀd ≤ 0 the model has no minimizer along d; :class:`StepSize` then carries
+  ``nonpositive_curvature=True`` and η = NaN, never a silently negative or infinite value.
+
+``curvature_fraction`` estimates dᵀCd on the first ⌈f·N⌉ examples of the batch only (a sub-batch
+mean for ``reduction="mean"``; for ``"sum"`` the sub-batch sum is scaled by N/m), which cuts the
+JVP's (or the Hessian-vector product's) cost by about f.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from hessian_lab.core import (
+    check_model_mode,
+    functional_model,
+    params_to_vector,
+    select_parameters,
+    vector_to_params,
+)
+from hessian_lab.output_curvature import OutputCurvature, OutputState, output_curvature
+from hessian_lab.output_curvature.base import _check_scalar, _sum_trailing
+
+CURVATURES = ("ggn", "ef", "ef_batch", "hessian")
+
+
+class StepSize(NamedTuple):
+    """The minimizer of the quadratic model along d, with its parts (all 0-dim tensors).
+
+    Attributes:
+        numerator: ∇hᵀd (GᵀG for d = G).
+        denominator: dᵀCd + ε dᵀd.
+        eta: numerator / denominator; NaN when the denominator is ≤ 0 or not finite.
+        curvature: dᵀCd.
+        nonpositive_curvature: True when dᵀCd + ε dᵀd ≤ 0 (possible only for ``"hessian"``, or
+            for a zero direction).
+    """
+
+    numerator: torch.Tensor
+    denominator: torch.Tensor
+    eta: torch.Tensor
+    curvature: torch.Tensor
+    nonpositive_curvature: torch.Tensor
+
+
+@dataclass
+class GradientPass:
+    """One batch's loss and gradient G, plus what the curvature along a direction still needs.
+
+    Attributes:
+        loss: h_I(θ), 0-dim, detached.
+        gradient: G as parameter-shaped detached tensors keyed by name.
+        num_examples: N_b, the batch's example count.
+        curvature_examples: m, the examples the curvature term is computed on.
+    """
+
+    loss: torch.Tensor
+    gradient: dict[str, torch.Tensor]
+    num_examples: int
+    curvature_examples: int
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    output_curvature: OutputCurvature | None = None
+    output_state: OutputState | None = None
+    hessian_graph: tuple[list[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
+
+    def flat_gradient(self) -> torch.Tensor:
+        """G as one flat vector (the order of ``model.named_parameters()``)."""
+        return params_to_vector(self.gradient)
+
+
+def curvature_examples(num_examples: int, fraction: float | None) -> int:
+    """The sub-batch size m = ⌈f·N⌉ (at least 1), or N without a fraction."""
+    if fraction is None:
+        return num_examples
+    return max(1, min(num_examples, math.ceil(fraction * num_examples)))
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module torch.func can run: ``ddp.module`` for a DistributedDataParallel wrapper."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+class StepSizeEstimator:
+    """Computes G and dᵀCd for one batch; :meth:`__call__` gives η = ∇hᵀd / dᵀ(C + εI)d.
+
+    The two halves are separate (:meth:`gradient_pass`, :meth:`curvature_along`) so that a
+    distributed optimizer can all-reduce G before the curvature is taken along it.
+
+    Args:
+        model: The network (a ``DistributedDataParallel`` wrapper is unwrapped to ``.module``).
+        loss_fn: A loss ``(outputs, targets) -> scalar`` with ``reduction`` ``"mean"`` or ``"sum"``.
+        curvature: ``"ggn"`` (Q), ``"ef"`` (per-example GN), ``"ef_batch"`` (G Gᵀ) or
+            ``"hessian"`` (H).
+        params: ``None`` for every parameter with ``requires_grad``, or a list of names.
+        eps: ε ≥ 0 of C + εI.
+        curvature_fraction: f ∈ (0, 1] to estimate dᵀCd on a sub-batch; ``None`` for the batch.
+        allow_train_mode: Accept BatchNorm/Dropout in train mode (see ``check_model_mode``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        curvature: str = "ggn",
+        params: Sequence[str] | None = None,
+        eps: float = 1e-10,
+        curvature_fraction: float | None = None,
+        allow_train_mode: bool = False,
+    ) -> None:
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature={curvature!r} is not one of {CURVATURES}.")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}.")
+        if curvature_fraction is not None and not 0 < curvature_fraction <= 1:
+            raise ValueError(f"curvature_fraction must be in (0, 1], got {curvature_fraction}.")
+        self.module = unwrap_model(model)
+        check_model_mode(self.module, allow_train_mode)
+        self.loss_fn = loss_fn
+        self.reduction = getattr(loss_fn, "reduction", "mean")
+        if self.reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction={self.reduction!r} is not supported; use 'mean' or 'sum'.")
+        self.curvature = curvature
+        self.eps = float(eps)
+        self.curvature_fraction = curvature_fraction
+        self.params = select_parameters(self.module, params)
+        self.param_names = list(self.params)
+        self._f = functional_model(self.module, self.param_names)
+        self._curvature_type: type[OutputCurvature] | None = None
+
+    # ---------------------------------------------------------------------------------------
+
+    def _output_curvature(self, z: torch.Tensor, targets: torch.Tensor) -> OutputCurvature:
+        # Pick the closed form once: the factory inspects the targets (a host sync on CUDA).
+        if self._curvature_type is None:
+            chosen = output_curvature(self.loss_fn, z, targets)
+            self._curvature_type = type(chosen)
+            return chosen
+        return self._curvature_type(self.loss_fn, self.reduction)
+
+    def gradient_pass(self, inputs: torch.Tensor, targets: torch.Tensor) -> GradientPass:
+        """One forward + backward: the loss h_I(θ) and G = ∇h_I(θ).
+
+        For ``"ggn"``/``"ef"`` the loss and ∂L/∂z are taken in output space and G = Jᵀ ∂L/∂z,
+        so Λ's factors come for free. For ``"hessian"`` on the whole batch the graph of G is
+        kept (``create_graph=True``) for the Hessian-vector product.
+        """
+        n = int(inputs.shape[0])
+        m = curvature_examples(n, self.curvature_fraction)
+        leaves = list(self.params.values())
+        if self.curvature == "hessian" and m == n:
+            with torch.enable_grad():
+                loss = self.loss_fn(self.module(inputs), targets)
+                _check_scalar(loss)
+                grads = torch.autograd.grad(loss, leaves, create_graph=True)
+            gradient = {k: g.detach() for k, g in zip(self.param_names, grads, strict=True)}
+            return GradientPass(
+                loss.detach(), gradient, n, m, inputs, targets, hessian_graph=(leaves, grads)
+            )
+        with torch.enable_grad():
+            z = self.module(inputs)
+        curv = self._output_curvature(z.detach(), targets)
+        state = curv.state(z, targets)
+        grads = torch.autograd.grad(z, leaves, grad_outputs=state.output_grad, allow_unused=True)
+        gradient = {
+            k: torch.zeros_like(p) if g is None else g
+            for (k, p), g in zip(self.params.items(), grads, strict=True)
+        }
+        if m < n:
+            sub_z = state.outputs[:m]
+            sub_state = curv.state(sub_z, targets[:m]) if self.curvature != "hessian" else None
+            return GradientPass(
+                state.loss, gradient, n, m, inputs[:m], targets[:m], curv, sub_state
+            )
+        return GradientPass(state.loss, gradient, n, m, inputs, targets, curv, state)
+
+    def curvature_along(
+        self, gp: GradientPass, direction: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """dᵀCd for the batch (or its sub-batch estimate), a 0-dim tensor.
+
+        Args:
+            gp: The batch's :meth:`gradient_pass`.
+            direction: d as parameter-shaped tensors keyed by name (e.g. ``gp.gradient``).
+        """
+        direction = dict(direction)
+        if self.curvature == "ef_batch":
+            gd = sum((gp.gradient[k] * direction[k]).sum() for k in self.param_names)
+            return gd * gd
+        # "sum" reduction: scale a sub-batch sum up to the batch (a "mean" needs no scaling).
+        scale = gp.num_examples / gp.curvature_examples if self.reduction == "sum" else 1.0
+        if self.curvature == "hessian":
+            value = self._hessian_quadratic(gp, direction)
+        else:
+            value = self._jacobian_quadratic(gp, direction)
+        return value * scale if scale != 1.0 else value
+
+    def _jacobian_quadratic(self, gp: GradientPass, d: dict[str, torch.Tensor]) -> torch.Tensor:
+        primals = {k: p.detach() for k, p in self.params.items()}
+        inputs = gp.inputs
+
+        def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self._f(p, inputs)
+
+        # u = J d by forward mode; no backward is needed for a quadratic form.
+        _, u = torch.func.jvp(f, (primals,), (d,))
+        state, curv = gp.output_state, gp.output_curvature
+        assert state is not None and curv is not None
+        if self.curvature == "ggn":
+            return curv.quadratic_form(state, u)
+        # "ef": s_n = ∇ℓ_n · u_n with ∇ℓ_n = N_b ∂L_b/∂z_n ("mean"); dᵀGNd = Σ s_n² / N_b.
+        ex_scale = curv.example_scale(u.shape[0])
+        s = ex_scale * _sum_trailing(state.output_grad * u, u.dim() - 1)
+        return (s * s).sum() / ex_scale
+
+    def _hessian_quadratic(self, gp: GradientPass, d: dict[str, torch.Tensor]) -> torch.Tensor:
+        if gp.hessian_graph is None:
+            # Sub-batch: its own forward + backward with the graph kept, then the product.
+            leaves = list(self.params.values())
+            with torch.enable_grad():
+                loss = self.loss_fn(self.module(gp.inputs), gp.targets)
+                grads = torch.autograd.grad(loss, leaves, create_graph=True)
+        else:
+            leaves, grads = gp.hessian_graph
+            gp.hessian_graph = None  # the graph is freed by the product below
+        tangents = [d[k] for k in self.param_names]
+        with torch.enable_grad():
+            hd = torch.autograd.grad(grads, leaves, grad_outputs=tangents, allow_unused=True)
+        total = torch.zeros((), dtype=tangents[0].dtype, device=tangents[0].device)
+        for h, t in zip(hd, tangents, strict=True):
+            if h is not None:  # a parameter the gradient does not depend on: zero row of H
+                total = total + (h * t).sum()
+        return total
+
+    # ---------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        direction: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+    ) -> StepSize:
+        """η = ∇hᵀd / (dᵀCd + ε dᵀd) on one batch; d defaults to G."""
+        gp = self.gradient_pass(inputs, targets)
+        if direction is None:
+            d = gp.gradient
+        elif isinstance(direction, torch.Tensor):
+            d = vector_to_params(direction, gp.gradient)
+        else:
+            d = dict(direction)
+        numerator = sum((gp.gradient[k] * d[k]).sum() for k in self.param_names)
+        d_sq = sum((d[k] * d[k]).sum() for k in self.param_names)
+        curv = self.curvature_along(gp, d)
+        return quadratic_step(numerator, curv, d_sq, self.eps)
+
+
+def quadratic_step(
+    numerator: torch.Tensor, curvature: torch.Tensor, d_sq: torch.Tensor, eps: float
+) -> StepSize:
+    """η = numerator / (curvature + ε d_sq), guarded: NaN (and a flag) when that is ≤ 0."""
+    denominator = curvature + eps * d_sq
+    nonpositive = denominator <= 0
+    eta = torch.where(nonpositive, torch.full_like(denominator, math.nan), numerator / denominator)
+    return StepSize(numerator, denominator, eta, curvature, nonpositive)
+
+
+def step_size(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    curvature: str = "ggn",
+    direction: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+    *,
+    eps: float = 1e-10,
+    params: Sequence[str] | None = None,
+    curvature_fraction: float | None = None,
+    **kwargs: Any,
+) -> StepSize:
+    r"""The step η along d minimizing the quadratic model on one batch.
+
+    .. math:: \eta = \frac{\nabla h^\top d}{d^\top (C + \varepsilon I) d}
+
+    Args:
+        model: The network.
+        loss_fn: The loss (``reduction`` ``"mean"`` or ``"sum"``).
+        inputs: The batch's inputs.
+        targets: The batch's targets.
+        curvature: ``"ggn"`` (Q), ``"ef"``, ``"ef_batch"`` or ``"hessian"``.
+        direction: d, flat ``[P]`` or parameter-shaped dict; ``None`` for G.
+        eps: ε of C + εI.
+        params: Parameter names spanning θ (``None``: all trainable).
+        curvature_fraction: Estimate dᵀCd on the first ⌈f·N⌉ examples.
+        **kwargs: Passed to :class:`StepSizeEstimator` (``allow_train_mode``).
+
+    Returns:
+        A :class:`StepSize` of 0-dim tensors.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from hessian_lab.optim.step_size import step_size
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> bool(step_size(model, nn.CrossEntropyLoss(), x, y, "ggn").eta > 0)
+        True
+    """
+    estimator = StepSizeEstimator(
+        model, loss_fn, curvature, params, eps, curvature_fraction, **kwargs
+    )
+    return estimator(inputs, targets, direction)

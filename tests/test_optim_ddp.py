@@ -1,0 +1,86 @@
+"""ADLER under DistributedDataParallel (2 CPU processes, gloo) = one process on the whole batch."""
+
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from hessian_lab.optim import ADLER
+
+STEPS = 4
+SIZES = (6, 10)  # unequal per-rank batches: the weighting must follow the examples
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    n = sum(SIZES)
+    return [
+        (
+            torch.randn(n, 5, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (n,), generator=g),
+        )
+        for _ in range(STEPS)
+    ]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CURVATURES = ("ggn", "ef", "ef_batch", "hessian")
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {}
+        for curvature in CURVATURES:  # one process group for all: spawning is the slow part
+            ddp = nn.parallel.DistributedDataParallel(_model())
+            opt = ADLER(ddp, nn.CrossEntropyLoss(), curvature=curvature)
+            lo = sum(SIZES[:rank])
+            etas = []
+            for x, y in _batches():
+                rec = opt.step(x[lo : lo + SIZES[rank]], y[lo : lo + SIZES[rank]])
+                etas.append(rec.eta)
+            results[curvature] = {
+                "params": [p.detach() for p in ddp.module.parameters()],
+                "etas": torch.stack(etas),
+            }
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_results():
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_worker, args=(2, _free_port(), out_dir), nprocs=2, join=True)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
+
+
+@pytest.mark.parametrize("curvature", CURVATURES)
+def test_ddp_matches_one_process_on_the_concatenated_batch(ddp_results, curvature):
+    results = [r[curvature] for r in ddp_results]
+    model = _model()
+    opt = ADLER(model, nn.CrossEntropyLoss(), curvature=curvature)
+    etas = torch.stack([opt.step(x, y).eta for x, y in _batches()])
+    for res in results:
+        torch.testing.assert_close(res["etas"], etas, rtol=1e-6, atol=0)
+        for p, q in zip(res["params"], model.parameters(), strict=True):
+            torch.testing.assert_close(p, q.detach(), rtol=0, atol=1e-6)
+    # η_k is identical on every rank, bit for bit.
+    assert torch.equal(results[0]["etas"], results[1]["etas"])
