@@ -50,7 +50,7 @@ def test_round_trip(tmp_path):
     ).validate()
     config.save(tmp_path / "c.json")
     assert TrainConfig.load(tmp_path / "c.json") == config
-    assert config.name == "vit-relu-w16-d2-patch_size2-digits-sgd-lr0.1-s0"
+    assert config.name == "vit-relu-w32-d2-patch_size2-digits-sgd-lr0.1-s0"
     assert config.out_dir.endswith(config.name)
 
 

@@ -58,7 +58,7 @@ def test_last_layer_zero_mean(name):
     model = build_model(name, num_classes=50, **kwargs)
     w, b = model.head.weight, model.head.bias
     assert torch.all(b == 0)
-    std = 1 / 64**0.5
+    std = 1 / model.head.in_features**0.5  # LeCun normal: N(0, 1/fan_in)
     assert abs(w.mean().item()) < 4 * std / w.numel() ** 0.5
     assert w.std().item() == pytest.approx(std, rel=0.1)
 

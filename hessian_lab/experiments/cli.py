@@ -138,7 +138,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--name",
         default=S,
-        help="run name (default: derived, e.g. cnn-relu-w16-d2-digits-adler-s0)",
+        help="run name (default: derived, e.g. cnn-relu-w32-d2-digits-adler-s0)",
     )
     g.add_argument("--out-dir", default=S, help="run folder (default: runs/<name>)")
     g.add_argument(

@@ -62,7 +62,7 @@ class TrainConfig:
 
     model: str = "cnn"
     activation: str = "relu"
-    width: int = 16
+    width: int = 32
     depth: int = 2
     model_options: dict[str, Any] = field(default_factory=dict)
     dataset: str = "digits"
@@ -180,7 +180,7 @@ def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
 
 
 def default_run_name(config: TrainConfig) -> str:
-    """A readable, unique-per-grid-point name such as ``cnn-relu-w16-d2-digits-adler-s0``."""
+    """A readable, unique-per-grid-point name such as ``cnn-relu-w32-d2-digits-adler-s0``."""
     opt = config.optimizer
     if opt == "sgd" and config.lr is not None:
         opt = f"sgd-lr{config.lr:.3g}"
