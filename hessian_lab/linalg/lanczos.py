@@ -189,7 +189,9 @@ class LanczosProcess:
             for _ in range(2):
                 r = r - self.V[:j].T @ (self.V[:j] @ r)
             nr = torch.linalg.vector_norm(r).item()
-            if nr > 0.5:  # r kept most of its norm: numerically independent of the basis
+            # A random unit vector keeps about sqrt((n - j) / n) of its norm; far less means it
+            # was numerically in the span of the basis.
+            if nr > 0.1 * math.sqrt((self.n - j) / self.n):
                 return r / nr
         return None
 
