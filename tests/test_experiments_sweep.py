@@ -115,6 +115,13 @@ def test_sweep_with_failing_run_resume_and_summary(tmp_path, capsys):
     again = run_sweep(spec, workers=0)
     assert [r["test_acc"] for r in again] == [r["test_acc"] for r in rows]
 
+    # An interrupted run (checkpoint, no result.json) is resumed, not restarted.
+    victim = tmp_path / "out" / "runs" / finished[0]["name"]
+    (victim / "result.json").unlink()
+    again = run_sweep(spec, workers=0)
+    assert [r["test_acc"] for r in again] == [r["test_acc"] for r in rows]
+    assert len((victim / "steps.jsonl").read_text().splitlines()) == 2  # no step was redone
+
     # The CLI reports the failures and exits with 1.
     assert main(["sweep", str(sweep), "--workers", "0"]) == 1
     out = capsys.readouterr().out
@@ -130,6 +137,18 @@ def test_sweep_with_failing_run_resume_and_summary(tmp_path, capsys):
     best = runs[runs["status"] == "finished"].groupby("seed")["test_acc"].max().mean()
     assert row["mean"] == pytest.approx(best)
 
-    assert main(["summarize", str(tmp_path / "out"), "--out", str(tmp_path / "all.csv")]) == 0
+    argv = ["summarize", str(tmp_path / "out"), "--out", str(tmp_path / "all.csv")]
+    assert main([*argv, "--max-rows", "3"]) == 0
     out = capsys.readouterr().out
-    assert "8 runs" in out and "sgd" in out and (tmp_path / "all.csv").exists()
+    assert "8 runs: 4 failed, 4 finished" in out or "8 runs: 4 finished, 4 failed" in out
+    assert "... 5 more runs" in out and "sgd" in out and (tmp_path / "all.csv").exists()
+
+
+def test_example_sweep_files_are_valid():
+    from pathlib import Path
+
+    import hessian_lab.experiments as experiments
+
+    folder = Path(experiments.__file__).parent / "sweeps"
+    assert len(expand_grid(load_sweep(folder / "digits_small.toml"))) == 40
+    assert len(expand_grid(load_sweep(folder / "paper_cifar100.toml"))) == 648

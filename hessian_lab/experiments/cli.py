@@ -276,8 +276,11 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     counts = runs["status"].value_counts().to_dict()
     print(f"{len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     columns = ["name", "status", "epoch", "train_loss", "train_acc", "test_loss", "test_acc"]
-    with pd.option_context("display.width", 200, "display.max_rows", args.max_rows):
-        print(runs[columns].sort_values("name").to_string(index=False, float_format="%.4f"))
+    with pd.option_context("display.width", 200):
+        shown = runs[columns].sort_values("name")
+        print(shown.head(args.max_rows).to_string(index=False, float_format="%.4f"))
+        if len(shown) > args.max_rows:
+            print(f"... {len(shown) - args.max_rows} more runs (--max-rows, --out)")
         table = paper_table(runs, metric=args.metric, rows=tuple(args.rows))
         if not table.empty:
             wide = table.pivot_table(
@@ -342,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="configuration fields indexing the summary rows (default: dataset model activation)",
     )
     p.add_argument("--out", type=Path, help="also write the per-run table to this CSV file")
-    p.add_argument("--max-rows", type=int, default=200, help="rows printed (default: 200)")
+    p.add_argument(
+        "--max-rows", type=int, default=50, help="runs listed before the summary (default: 50)"
+    )
     p.set_defaults(func=_cmd_summarize)
     return parser
 
