@@ -119,3 +119,21 @@ def test_classes_direct():
     assert ViT(in_shape=(1, 8, 8), width=8, heads=2, patch_size=2)(
         torch.zeros(1, 1, 8, 8)
     ).shape == (1, 10)
+
+
+def test_explicit_attention_matches_torch_reference():
+    import torch.nn.functional as F
+
+    from hessian_lab.experiments.models import _Attention
+
+    torch.manual_seed(0)
+    attn = _Attention(width=8, heads=2).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    q, k, v = attn.qkv(x).split(8, dim=-1)
+
+    def heads(t):
+        return t.reshape(3, 5, 2, 4).transpose(1, 2)
+
+    ref = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+    ref = attn.proj(ref.transpose(1, 2).reshape(3, 5, 8))
+    torch.testing.assert_close(attn(x), ref, rtol=1e-12, atol=1e-12)

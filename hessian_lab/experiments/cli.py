@@ -152,7 +152,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--overwrite", action="store_true", help="delete an existing run in the run folder first"
     )
-    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    g.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bar and the per-epoch lines"
+    )
     g.add_argument(
         "--threads",
         type=int,

@@ -72,7 +72,10 @@ def collect_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
                 config[key] = json.dumps(value, sort_keys=True)
         row.update({k: v for k, v in config.items() if k not in row})
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame["epoch"] = frame["epoch"].astype("Int64")  # integer even where a run has none
+    return frame
 
 
 #: Configuration fields that are not part of a "variation" (naming, bookkeeping).

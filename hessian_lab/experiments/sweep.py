@@ -261,7 +261,10 @@ def _row(config: TrainConfig, outcome: dict[str, Any]) -> dict[str, Any]:
     row["name"], row["out_dir"] = config.name, config.out_dir
     for key, value in config.to_dict().items():
         if key not in row:
-            row[key] = value
+            # Option dicts and shapes as JSON text, readable back with json.loads.
+            row[key] = (
+                json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else value
+            )
     return row
 
 
