@@ -119,3 +119,26 @@ def test_cli_help_lists_every_option(capsys):
         "--download",
     ):
         assert option in out
+
+
+def test_config_file_and_overrides(tmp_path):
+    from hessian_lab.experiments.cli import build_parser, config_from_args
+
+    base = TrainConfig(model="vit", model_options={"patch_size": 2}, epochs=2).validate()
+    base.save(tmp_path / "config.json")
+
+    def parse(*argv):
+        return config_from_args(build_parser().parse_args(["train", *argv])).validate()
+
+    same = parse("--config", str(tmp_path / "config.json"), "--device", "cpu")
+    assert same.results_key() == base.results_key() and same.out_dir == base.out_dir
+    changed = parse("--config", str(tmp_path / "config.json"), "--heads", "2", "--seed", "5")
+    assert changed.model_options == {"patch_size": 2, "heads": 2} and changed.seed == 5
+    assert changed.name == "vit-relu-w32-d2-heads2-patch_size2-digits-adler-s5"
+    assert changed.out_dir.endswith(changed.name)
+    renamed = parse("--config", str(tmp_path / "config.json"), "--name", "mine")
+    assert renamed.out_dir.endswith("mine")
+    adler = parse("--adler-option", "trust_region=1.0", "--adler-option", "averaging=log")
+    assert adler.adler_options == {"trust_region": 1.0, "averaging": "log"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse("--adler-option", "trust_region")

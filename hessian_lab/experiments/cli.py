@@ -203,6 +203,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             values["name"] = ""
         if "out_dir" not in given:
             values["out_dir"] = ""
+    if "name" in given and "out_dir" not in given:
+        values["out_dir"] = ""  # a new name means a new folder, runs/<name>
     values.update(given)
     values["model_options"] = options
     return TrainConfig.from_dict(values)
