@@ -154,3 +154,12 @@ def test_cli_train_prints_log_location(tmp_path, capsys):
     # --config reproduces a run's configuration
     code = main(["train", "--config", str(out / "config.json"), "--resume", "--no-progress"])
     assert code == 0
+
+
+def test_package_exports():
+    import hessian_lab.experiments as experiments
+
+    for name in experiments.__all__:
+        assert getattr(experiments, name) is not None
+    with pytest.raises(AttributeError):
+        experiments.no_such_name  # noqa: B018
