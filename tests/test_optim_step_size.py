@@ -158,3 +158,34 @@ def test_float32_cnn_and_vit_run_forward_mode():
         for curvature in ("ggn", "ef"):
             out = step_size(model, nn.CrossEntropyLoss(), x.float(), y, curvature)
             assert out.eta.dtype == torch.float32 and bool(torch.isfinite(out.eta))
+
+
+@pytest.mark.parametrize("method", ["forward", "double_backward"])
+@pytest.mark.parametrize("fraction", [None, 0.5])
+@pytest.mark.parametrize("curvature", ["ggn", "ef"])
+@pytest.mark.parametrize("name", ["mlp_ln", "cnn", "vit"])
+def test_both_jvp_methods_match_dense(name, curvature, fraction, method):
+    model, (x, y), loss_fn = _model(name), _data(), nn.CrossEntropyLoss()
+    m = 5 if fraction else 10
+    G = GGNOperator(model, loss_fn, (x, y)).gradient()
+    C = _operator(curvature, model, loss_fn, (x[:m], y[:m])).to_dense()
+    out = step_size(
+        model,
+        loss_fn,
+        x,
+        y,
+        curvature,
+        eps=EPS,
+        curvature_fraction=fraction,
+        jvp_method=method,
+    )
+    torch.testing.assert_close(out.numerator, G @ G, rtol=1e-10, atol=0)
+    torch.testing.assert_close(out.curvature, G @ C @ G, rtol=1e-10, atol=1e-14)
+
+
+def test_auto_jvp_method_follows_the_layers():
+    from hessian_lab.optim.step_size import auto_jvp_method
+
+    assert auto_jvp_method(_model("mlp_ln")) == "double_backward"
+    assert auto_jvp_method(_model("vit")) == "double_backward"  # patch conv: kernel == stride
+    assert auto_jvp_method(_model("cnn")) == "forward"

@@ -95,6 +95,11 @@ class ADLER(torch.optim.Optimizer):
             (``None``: never). On CPU the check is immediate; on CUDA it reads a flag copied
             asynchronously, so it may raise a few steps late but never synchronizes the step.
         allow_train_mode: Accept BatchNorm/Dropout in train mode.
+        jvp_method: ``"auto"`` (default), ``"forward"`` (``torch.func.jvp``) or
+            ``"double_backward"`` (reuse the gradient pass's forward); see
+            :class:`~hessian_lab.optim.step_size.StepSizeEstimator`. Same u = J G up to
+            rounding; only the cost differs. ``"auto"`` is deterministic (chosen from the
+            model's layers), so runs stay reproducible.
 
     A step whose loss, gradient, curvature or η_k is not finite (or whose GᵀCG + εGᵀG ≤ 0)
     leaves the parameters and the averages untouched and returns ``skipped=True``.
@@ -125,6 +130,7 @@ class ADLER(torch.optim.Optimizer):
         beta_schedule: Callable[[int], float] | None = None,
         max_consecutive_skips: int | None = 10,
         allow_train_mode: bool = False,
+        jvp_method: str = "auto",
     ) -> None:
         if curvature not in CURVATURES:
             raise ValueError(f"curvature={curvature!r} is not one of {CURVATURES}.")
@@ -141,7 +147,7 @@ class ADLER(torch.optim.Optimizer):
                 f"max_consecutive_skips must be >= 1 or None, got {max_consecutive_skips}."
             )
         self._estimator = StepSizeEstimator(
-            model, loss_fn, curvature, params, eps, curvature_fraction, allow_train_mode
+            model, loss_fn, curvature, params, eps, curvature_fraction, allow_train_mode, jvp_method
         )
         self._process_group = None
         self._distributed = False
@@ -161,6 +167,7 @@ class ADLER(torch.optim.Optimizer):
             "curvature_fraction": curvature_fraction,
             "max_consecutive_skips": max_consecutive_skips,
             "has_beta_schedule": beta_schedule is not None,
+            "jvp_method": jvp_method,
         }
         super().__init__(list(self._estimator.params.values()), defaults)
         first = next(iter(self._estimator.params.values()))
@@ -199,22 +206,23 @@ class ADLER(torch.optim.Optimizer):
         # Options live in the param group so that load_state_dict restores them.
         est.curvature = group["curvature"]
         est.curvature_fraction = group["curvature_fraction"]
+        est.jvp_method = group["jvp_method"]
         averaging = group["averaging"]
 
         gp = est.gradient_pass(inputs, targets)
-        grad = gp.flat_gradient()
         loss = gp.loss
-        direction = gp.gradient
         if self._distributed:
-            packed = torch.cat([grad, loss.reshape(1).to(grad.dtype)])
+            # One collective for G and the loss; G's tensors become views of the reduced buffer.
+            packed = torch.cat([g.reshape(-1) for g in gp.gradient.values()] + [loss.reshape(1)])
             packed = weighted_all_reduce(
                 packed, gp.num_examples, est.reduction, self._process_group
             )
-            grad, loss = packed[:-1], packed[-1]
-            direction = vector_to_params(grad, gp.gradient)
-            gp.gradient = direction  # "ef_batch" takes (Gᵀd)² with the global G
-        grad_sq = torch.dot(grad, grad)
-        curv = est.curvature_along(gp, direction)
+            loss = packed[-1]
+            gp.gradient = vector_to_params(packed[:-1], gp.gradient)  # "ef_batch" needs global G
+        grads = list(gp.gradient.values())
+        # ‖G‖² from per-tensor norms: no P-sized temporary (those cost page faults on CPU).
+        grad_sq = torch.stack(torch._foreach_norm(grads)).square().sum()
+        curv = est.curvature_along(gp, gp.gradient)
         if self._distributed and group["curvature"] != "ef_batch":
             # GᵀG is global already; GᵀCG is a per-rank mean until reduced (DESIGN.md §6).
             curv = weighted_all_reduce(
@@ -246,11 +254,16 @@ class ADLER(torch.optim.Optimizer):
             lr = torch.minimum(lr, group["trust_region"] / torch.sqrt(grad_sq.to(lr.dtype)))
 
         with torch.no_grad():
-            # where() rather than a zero rate: 0 · NaN would still poison θ on a skipped step.
-            rate = torch.where(ok, lr, torch.zeros_like(lr)).to(grad.dtype)
-            update = torch.where(ok, grad, torch.zeros_like(grad)) * (-rate)
-            params = [p for p in group["params"]]
-            torch._foreach_add_(params, list(vector_to_params(update, gp.gradient).values()))
+            rate = torch.where(ok, -lr, torch.zeros_like(lr)).to(grads[0].dtype)
+            if grads[0].device.type == "cpu":
+                if bool(ok):  # free on CPU: no device to synchronize with
+                    torch._foreach_addcmul_(group["params"], grads, [rate] * len(grads))
+            else:
+                # No branch on ok (a host sync): zero the non-finite entries so that a zero
+                # rate gives an exactly zero update (0 · NaN would still poison θ).
+                for g in grads:
+                    g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+                torch._foreach_addcmul_(group["params"], grads, [rate] * len(grads))
 
         self._skips = torch.where(ok, torch.zeros_like(self._skips), self._skips + 1)
         self._reasons = torch.where(ok, torch.zeros_like(self._reasons), self._reasons | flags)

@@ -52,6 +52,25 @@ from hessian_lab.output_curvature import OutputCurvature, OutputState, output_cu
 from hessian_lab.output_curvature.base import _check_scalar, _sum_trailing
 
 CURVATURES = ("ggn", "ef", "ef_batch", "hessian")
+JVP_METHODS = ("auto", "forward", "double_backward")
+
+
+def auto_jvp_method(module: nn.Module) -> str:
+    """The faster way to get u = J d for this model, from measurements (docs/optimizer.md).
+
+    PyTorch's double backward of an overlapping convolution (``_convolution_double_backward``)
+    does about 40% more convolutions than the two a tangent pass needs, so convolutional nets
+    use forward mode; everything else (linear layers, attention, LayerNorm, a patch-embedding
+    convolution whose kernel equals its stride) is cheaper by double backward, which reuses the
+    gradient pass's forward instead of recomputing the primal.
+    """
+    for mod in module.modules():
+        if isinstance(mod, nn.modules.conv._ConvNd) and any(
+            p.requires_grad for p in mod.parameters(recurse=False)
+        ):
+            if tuple(mod.kernel_size) != tuple(mod.stride):
+                return "forward"
+    return "double_backward"
 
 
 class StepSize(NamedTuple):
@@ -93,10 +112,17 @@ class GradientPass:
     output_curvature: OutputCurvature | None = None
     output_state: OutputState | None = None
     hessian_graph: tuple[list[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
+    jvp_graph: tuple[list[torch.Tensor], torch.Tensor] | None = None
 
     def flat_gradient(self) -> torch.Tensor:
         """G as one flat vector (the order of ``model.named_parameters()``)."""
         return params_to_vector(self.gradient)
+
+
+def inner(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """aᵀb over parameter-shaped tensors, with dot products (no P-sized temporaries)."""
+    dots = [torch.dot(t.reshape(-1), b[k].reshape(-1)) for k, t in a.items()]
+    return torch.stack(dots).sum()
 
 
 def curvature_examples(num_examples: int, fraction: float | None) -> int:
@@ -128,6 +154,13 @@ class StepSizeEstimator:
         eps: ε ≥ 0 of C + εI.
         curvature_fraction: f ∈ (0, 1] to estimate dᵀCd on a sub-batch; ``None`` for the batch.
         allow_train_mode: Accept BatchNorm/Dropout in train mode (see ``check_model_mode``).
+        jvp_method: How u = J d is computed for ``"ggn"``/``"ef"``. ``"forward"``: forward-mode
+            ``torch.func.jvp`` (recomputes the primal; about 3 forward-matmul units per layer).
+            ``"double_backward"``: the gradient pass keeps G's graph as a function of ∂L/∂z and
+            u = ∂(Gᵀd)/∂(∂L/∂z) is one more backward through it (about 2 units per layer, no
+            primal recomputation, but the backward graph is kept: more memory). ``"auto"``
+            (default): :func:`auto_jvp_method` for the whole batch, forward mode on a
+            ``curvature_fraction`` sub-batch. Both are exact; they differ in rounding only.
     """
 
     def __init__(
@@ -139,7 +172,10 @@ class StepSizeEstimator:
         eps: float = 1e-10,
         curvature_fraction: float | None = None,
         allow_train_mode: bool = False,
+        jvp_method: str = "auto",
     ) -> None:
+        if jvp_method not in JVP_METHODS:
+            raise ValueError(f"jvp_method={jvp_method!r} is not one of {JVP_METHODS}.")
         if curvature not in CURVATURES:
             raise ValueError(f"curvature={curvature!r} is not one of {CURVATURES}.")
         if eps < 0:
@@ -155,6 +191,8 @@ class StepSizeEstimator:
         self.curvature = curvature
         self.eps = float(eps)
         self.curvature_fraction = curvature_fraction
+        self.jvp_method = jvp_method
+        self._auto_jvp_method: str | None = None
         self.params = select_parameters(self.module, params)
         self.param_names = list(self.params)
         self._f = functional_model(self.module, self.param_names)
@@ -189,22 +227,67 @@ class StepSizeEstimator:
             return GradientPass(
                 loss.detach(), gradient, n, m, inputs, targets, hessian_graph=(leaves, grads)
             )
+        # "double_backward": keep G's graph as a function of ∂L/∂z (sub-batch rows only) so that
+        # u = J d = ∂(Gᵀd)/∂(∂L/∂z) reuses this forward instead of recomputing it.
+        keep = self._jvp_method(m < n) == "double_backward" and self.curvature in ("ggn", "ef")
+        split = keep and m < n
         with torch.enable_grad():
-            z = self.module(inputs)
+            if split:  # two forwards, so the second backward runs over the sub-batch only
+                z_sub, z_rest = self.module(inputs[:m]), self.module(inputs[m:])
+                z = torch.cat([z_sub, z_rest])
+            else:
+                z = self.module(inputs)
         curv = self._output_curvature(z.detach(), targets)
         state = curv.state(z, targets)
-        grads = torch.autograd.grad(z, leaves, grad_outputs=state.output_grad, allow_unused=True)
-        gradient = {
-            k: torch.zeros_like(p) if g is None else g
-            for (k, p), g in zip(self.params.items(), grads, strict=True)
-        }
+        jvp_graph = None
+        with torch.enable_grad():
+            if not keep:
+                grads = self._vjp(z, leaves, state.output_grad, create_graph=False)
+            else:
+                out_grad = state.output_grad[:m].detach().requires_grad_(True)
+                sub = self._vjp(z_sub if split else z, leaves, out_grad, create_graph=True)
+                jvp_graph = (sub, out_grad)
+                grads = [g.detach() for g in sub]
+                if split:
+                    rest = self._vjp(z_rest, leaves, state.output_grad[m:], create_graph=False)
+                    grads = [a + b for a, b in zip(grads, rest, strict=True)]
+        gradient = dict(zip(self.param_names, grads, strict=True))
         if m < n:
-            sub_z = state.outputs[:m]
-            sub_state = curv.state(sub_z, targets[:m]) if self.curvature != "hessian" else None
+            sub_state = curv.state(state.outputs[:m], targets[:m])
             return GradientPass(
-                state.loss, gradient, n, m, inputs[:m], targets[:m], curv, sub_state
+                state.loss,
+                gradient,
+                n,
+                m,
+                inputs[:m],
+                targets[:m],
+                curv,
+                sub_state,
+                None,
+                jvp_graph,
             )
-        return GradientPass(state.loss, gradient, n, m, inputs, targets, curv, state)
+        return GradientPass(
+            state.loss, gradient, n, m, inputs, targets, curv, state, None, jvp_graph
+        )
+
+    def _jvp_method(self, sub_batch: bool) -> str:
+        if self.jvp_method != "auto":
+            return self.jvp_method
+        if sub_batch:  # splitting the forward for a sub-batch costs more than it saves
+            return "forward"
+        if self._auto_jvp_method is None:
+            self._auto_jvp_method = auto_jvp_method(self.module)
+        return self._auto_jvp_method
+
+    @staticmethod
+    def _vjp(
+        z: torch.Tensor, leaves: list[torch.Tensor], cotangent: torch.Tensor, create_graph: bool
+    ) -> list[torch.Tensor]:
+        """Jᵀ w for the parameters (zeros for a parameter z does not depend on)."""
+        grads = torch.autograd.grad(
+            z, leaves, grad_outputs=cotangent, create_graph=create_graph, allow_unused=True
+        )
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads, strict=True)]
 
     def curvature_along(
         self, gp: GradientPass, direction: Mapping[str, torch.Tensor]
@@ -217,7 +300,7 @@ class StepSizeEstimator:
         """
         direction = dict(direction)
         if self.curvature == "ef_batch":
-            gd = sum((gp.gradient[k] * direction[k]).sum() for k in self.param_names)
+            gd = inner(gp.gradient, direction)
             return gd * gd
         # "sum" reduction: scale a sub-batch sum up to the batch (a "mean" needs no scaling).
         scale = gp.num_examples / gp.curvature_examples if self.reduction == "sum" else 1.0
@@ -228,14 +311,17 @@ class StepSizeEstimator:
         return value * scale if scale != 1.0 else value
 
     def _jacobian_quadratic(self, gp: GradientPass, d: dict[str, torch.Tensor]) -> torch.Tensor:
-        primals = {k: p.detach() for k, p in self.params.items()}
-        inputs = gp.inputs
+        if gp.jvp_graph is not None:
+            u = self._double_backward_jvp(gp, d)
+        else:
+            primals = {k: p.detach() for k, p in self.params.items()}
+            inputs = gp.inputs
 
-        def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            return self._f(p, inputs)
+            def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+                return self._f(p, inputs)
 
-        # u = J d by forward mode; no backward is needed for a quadratic form.
-        _, u = torch.func.jvp(f, (primals,), (d,))
+            # u = J d by forward mode; no backward is needed for a quadratic form.
+            _, u = torch.func.jvp(f, (primals,), (d,))
         state, curv = gp.output_state, gp.output_curvature
         assert state is not None and curv is not None
         if self.curvature == "ggn":
@@ -244,6 +330,20 @@ class StepSizeEstimator:
         ex_scale = curv.example_scale(u.shape[0])
         s = ex_scale * _sum_trailing(state.output_grad * u, u.dim() - 1)
         return (s * s).sum() / ex_scale
+
+    def _double_backward_jvp(self, gp: GradientPass, d: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The JVP u = J d as ∂(Jᵀw · d)/∂w at w = ∂L/∂z: one backward through G's graph."""
+        assert gp.jvp_graph is not None
+        grads, out_grad = gp.jvp_graph
+        gp.jvp_graph = None  # the graph is freed by the backward below
+        pairs = [(g, d[k]) for k, g in zip(self.param_names, grads, strict=True) if g.requires_grad]
+        if not pairs:
+            return torch.zeros_like(out_grad)
+        with torch.enable_grad():
+            (u,) = torch.autograd.grad(
+                [g for g, _ in pairs], out_grad, grad_outputs=[t for _, t in pairs]
+            )
+        return u
 
     def _hessian_quadratic(self, gp: GradientPass, d: dict[str, torch.Tensor]) -> torch.Tensor:
         if gp.hessian_graph is None:
@@ -280,8 +380,8 @@ class StepSizeEstimator:
             d = vector_to_params(direction, gp.gradient)
         else:
             d = dict(direction)
-        numerator = sum((gp.gradient[k] * d[k]).sum() for k in self.param_names)
-        d_sq = sum((d[k] * d[k]).sum() for k in self.param_names)
+        numerator = inner(gp.gradient, d)
+        d_sq = inner(d, d)
         curv = self.curvature_along(gp, d)
         return quadratic_step(numerator, curv, d_sq, self.eps)
 

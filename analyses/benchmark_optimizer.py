@@ -1,0 +1,149 @@
+"""Cost of one ADLER step in units of one plain SGD step on the same batch.
+
+SGD step = ``zero_grad(); loss_fn(model(x), y).backward(); step()`` of ``torch.optim.SGD``.
+ADLER step = ``ADLER.step(x, y)`` (loss, G, the curvature term, η_k, η̂_k, the update).
+For each device, model and ADLER configuration the two are timed interleaved (so that a busy
+machine slows both alike), after warm-up, and the table shows median(ADLER) / median(SGD). On CPU
+the clock is the process's CPU time (``time.process_time``), which a shared machine does not
+stretch; on CUDA it is wall time between synchronizations.
+The parameters are reset before every timed step, so every repeat sees the same θ.
+
+Targets (DESIGN.md §3; the paper says "twice"): ``"ggn"`` and ``"ef"`` ≤ 1.8 SGD steps with the
+full batch for the curvature, ≤ 1.25 with ``curvature_fraction=0.25``.
+
+Usage:
+    python analyses/benchmark_optimizer.py [--threads 1] [--repeats 15] [--devices cpu,cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from hessian_lab.experiments.models import build_model
+from hessian_lab.optim import ADLER
+
+# (name, build_model kwargs, batch size): a CIFAR-shaped input, sizes that run in ~0.1 s on 1 core.
+MODELS = {
+    "mlp": ({"width": 512, "depth": 2}, 128),
+    "cnn": ({"width": 16, "depth": 2}, 64),
+    "vit": ({"width": 64, "depth": 2, "patch_size": 4, "heads": 4}, 64),
+}
+CONFIGS = [
+    ("ggn", None),
+    ("ef", None),
+    ("ef_batch", None),
+    ("hessian", None),
+    ("ggn", 0.25),
+    ("ef", 0.25),
+    ("hessian", 0.25),
+]
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    # CPU: the process's CPU time, not wall time: on a shared machine other jobs stretch wall
+    # time at random, while CPU time counts only our work (with one intra-op thread it is exact).
+    # CUDA: wall time between synchronizations.
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+
+    def run(fn: Callable[[], object]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = clock()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return clock() - start
+
+    return run
+
+
+def bench_model(
+    name: str, device: torch.device, repeats: int, warmup: int, jvp_method: str
+) -> dict[str, float]:
+    kwargs, batch = MODELS[name]
+    torch.manual_seed(0)
+    model = build_model(name, in_shape=(3, 32, 32), num_classes=10, **kwargs).to(device)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    loss_fn = nn.CrossEntropyLoss()
+    theta0 = copy.deepcopy(model.state_dict())
+    timer = _timer(device)
+
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def sgd_step() -> None:
+        sgd.zero_grad()
+        loss_fn(model(x), y).backward()
+        sgd.step()
+
+    steps: dict[str, Callable[[], object]] = {"sgd": sgd_step}
+    for curvature, fraction in CONFIGS:
+        opt = ADLER(
+            model,
+            loss_fn,
+            curvature=curvature,
+            curvature_fraction=fraction,
+            max_consecutive_skips=None,
+            jvp_method=jvp_method,
+        )
+        key = curvature if fraction is None else f"{curvature} f={fraction}"
+        steps[key] = lambda opt=opt: opt.step(x, y)
+
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(warmup + repeats):
+        for key, fn in steps.items():
+            model.load_state_dict(theta0)  # same θ for every timed step
+            t = timer(fn)
+            if r >= warmup:
+                times[key].append(t)
+    sgd_median = statistics.median(times["sgd"])
+    out = {"P": float(sum(p.numel() for p in model.parameters())), "batch": float(batch)}
+    out["sgd_ms"] = 1e3 * sgd_median
+    for key in steps:
+        if key != "sgd":
+            out[key] = statistics.median(times[key]) / sgd_median
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--devices", default="cpu,cuda", help="comma list; cuda skipped if absent")
+    parser.add_argument("--models", default="mlp,cnn,vit")
+    parser.add_argument(
+        "--jvp-method", default="forward", choices=["forward", "double_backward", "both"]
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}")
+    print(f"repeats {args.repeats} after {args.warmup} warm-up; ratios = median ADLER / median SGD")
+    devices = [d for d in args.devices.split(",") if d != "cuda" or torch.cuda.is_available()]
+    methods = ["forward", "double_backward"] if args.jvp_method == "both" else [args.jvp_method]
+    keys = [c if f is None else f"{c} f={f}" for c, f in CONFIGS]
+    header = "| device | jvp_method | model | P | batch | SGD ms | " + " | ".join(keys) + " |"
+    print()
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for device in devices:
+        for method in methods:
+            for name in args.models.split(","):
+                res = bench_model(name, torch.device(device), args.repeats, args.warmup, method)
+                cells = " | ".join(f"{res[k]:.2f}" for k in keys)
+                print(
+                    f"| {device} | {method} | {name} | {int(res['P'])} | {int(res['batch'])} | "
+                    f"{res['sgd_ms']:.1f} | {cells} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
