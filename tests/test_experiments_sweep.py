@@ -152,3 +152,21 @@ def test_example_sweep_files_are_valid():
     folder = Path(experiments.__file__).parent / "sweeps"
     assert len(expand_grid(load_sweep(folder / "digits_small.toml"))) == 40
     assert len(expand_grid(load_sweep(folder / "paper_cifar100.toml"))) == 648
+
+
+def test_workers_spread_over_gpus(monkeypatch):
+    import multiprocessing
+
+    import torch
+
+    from hessian_lab.experiments import sweep
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(sweep, "_WORKER_DEVICE", None)  # restored to None afterwards
+    counter = multiprocessing.get_context("spawn").Value("i", 0)
+    devices = []
+    for _ in range(3):
+        sweep._init_worker(counter)
+        devices.append(sweep._WORKER_DEVICE)
+    assert devices == ["cuda:0", "cuda:1", "cuda:0"]

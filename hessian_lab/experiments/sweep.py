@@ -228,6 +228,22 @@ def expand_grid(spec: SweepSpec) -> list[TrainConfig]:
     return configs
 
 
+#: Device of this worker process when the sweep spreads workers over several GPUs.
+_WORKER_DEVICE: str | None = None
+
+
+def _init_worker(counter: Any) -> None:
+    """Give each worker process its own GPU, round robin, when more than one is visible."""
+    global _WORKER_DEVICE
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        with counter.get_lock():
+            index = counter.value
+            counter.value += 1
+        _WORKER_DEVICE = f"cuda:{index % torch.cuda.device_count()}"
+
+
 def _run_one(config_dict: dict[str, Any], threads: int) -> dict[str, Any]:
     """Worker: train one run (resuming if possible); never raises, reports errors instead."""
     import torch
@@ -237,6 +253,8 @@ def _run_one(config_dict: dict[str, Any], threads: int) -> dict[str, Any]:
     if threads > 0:
         torch.set_num_threads(threads)  # avoid oversubscribing cores across workers
     config = TrainConfig.from_dict(config_dict)
+    if config.device == "auto" and _WORKER_DEVICE is not None:
+        config.device = _WORKER_DEVICE  # the device does not enter the results: resume still works
     error_file = Path(config.out_dir) / "error.txt"
     try:
         result = train(config, resume=True, progress=False)
@@ -290,7 +308,8 @@ def run_sweep(
 
     Finished runs (with ``result.json``) are not rerun; interrupted runs resume from their last
     checkpoint; a failing run is recorded with ``status = "failed"`` and its error message. Worker
-    processes are started with the ``spawn`` method (safe with threads and CUDA).
+    processes are started with the ``spawn`` method (safe with threads and CUDA). With several
+    GPUs visible, runs with ``device = "auto"`` use their worker's GPU, assigned round robin.
 
     Args:
         spec: The sweep.
@@ -335,7 +354,13 @@ def run_sweep(
         for _ in range(rounds):
             broken: list[int] = []
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=n_workers, mp_context=context) as pool:
+            counter = context.Value("i", 0)
+            with ProcessPoolExecutor(
+                max_workers=n_workers,
+                mp_context=context,
+                initializer=_init_worker,
+                initargs=(counter,),
+            ) as pool:
                 futures: dict[Future, int] = {
                     pool.submit(_run_one, configs[i].to_dict(), threads): i for i in pending
                 }
