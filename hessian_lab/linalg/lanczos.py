@@ -348,3 +348,83 @@ def lanczos(
     )
     proc.run(num_steps)
     return proc.result(return_basis)
+
+
+def batched_lanczos(
+    op: object,
+    V0: torch.Tensor,
+    num_steps: int,
+    *,
+    reorthogonalize: bool = True,
+    breakdown_tol: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Independent Lanczos processes from the columns of ``V0``, advanced in lockstep.
+
+    Every step applies the operator once to all ``p`` current vectors with one ``matmat`` (our
+    operators batch the columns with ``vmap``, which is much cheaper than ``p`` products), then
+    runs the usual recurrence and full reorthogonalization column by column (batched GEMVs). Used
+    for stochastic Lanczos quadrature, where probes are independent. A column whose process breaks
+    down (invariant subspace) stops there: its vector is set to zero and its coefficients end.
+
+    Args:
+        op: Symmetric linear-operator-like object.
+        V0: ``[n, p]`` start vectors (normalized here), in the working dtype.
+        num_steps: Steps ``m`` per process (capped at ``n``).
+        reorthogonalize: Full reorthogonalization of each process against its own basis
+            (memory ``p × m × n``).
+        breakdown_tol: As in :func:`lanczos`; default ``100 ε`` of the operator's dtype.
+
+    Returns:
+        ``(alphas, betas, lengths)``: ``[p, m]`` and ``[p, m - 1]`` coefficients (zero-padded after
+        a breakdown) and ``[p]`` the number of steps of each process.
+    """
+    A = as_linear_operator(op)
+    n, p = V0.shape
+    m = min(int(num_steps), n)
+    dtype, device = V0.dtype, V0.device
+    tol = default_breakdown_tol(A.dtype) if breakdown_tol is None else breakdown_tol
+    norms = torch.linalg.vector_norm(V0, dim=0)
+    if not bool(torch.all(norms > 0)):
+        raise ValueError("Every Lanczos start vector must be nonzero.")
+    v = (V0 / norms).T.contiguous()  # [p, n]: one process per row
+    v_prev = torch.zeros_like(v)
+    basis = torch.empty(p, m, n, dtype=dtype, device=device) if reorthogonalize else None
+    if basis is not None:
+        basis[:, 0] = v
+    alphas = torch.zeros(p, m, dtype=dtype, device=device)
+    betas = torch.zeros(p, m, dtype=dtype, device=device)
+    lengths = torch.full((p,), m, dtype=torch.long)
+    active = torch.ones(p, dtype=torch.bool, device=device)
+    anorm = torch.zeros(p, dtype=dtype, device=device)
+    for j in range(m):
+        w = A.matmat(v.T).T  # [p, n]; stopped processes have v = 0
+        anorm = torch.maximum(anorm, torch.linalg.vector_norm(w, dim=1))
+        w = w - betas[:, j - 1 : j] * v_prev if j > 0 else w.clone()
+        alpha = (v * w).sum(dim=1)
+        w -= alpha[:, None] * v
+        if basis is not None:
+            Bj = basis[:, : j + 1]  # [p, j+1, n]
+            before = torch.linalg.vector_norm(w, dim=1)
+            h = torch.bmm(Bj, w.unsqueeze(2))  # [p, j+1, 1]
+            w -= torch.bmm(Bj.transpose(1, 2), h).squeeze(2)
+            alpha += h[:, j, 0]
+            if bool((torch.linalg.vector_norm(w, dim=1) < _REORTH_ETA * before).any()):
+                h2 = torch.bmm(Bj, w.unsqueeze(2))  # DGKS second pass, for all rows at once
+                w -= torch.bmm(Bj.transpose(1, 2), h2).squeeze(2)
+                alpha += h2[:, j, 0]
+        beta = torch.linalg.vector_norm(w, dim=1)
+        alphas[:, j] = torch.where(active, alpha, torch.zeros_like(alpha))
+        if j + 1 == m:
+            break
+        stop = active & (beta <= tol * anorm)
+        for c in torch.nonzero(stop).flatten().tolist():
+            lengths[c] = j + 1
+        active &= ~stop
+        betas[:, j] = torch.where(active, beta, torch.zeros_like(beta))
+        safe = torch.where(active, beta, torch.ones_like(beta))
+        v_prev, v = v, torch.where(active[:, None], w / safe[:, None], torch.zeros_like(w))
+        if basis is not None:
+            basis[:, j + 1] = v
+        if not bool(active.any()):
+            break
+    return alphas, betas[:, : m - 1], lengths

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hessian_lab.linalg.lanczos import default_breakdown_tol, lanczos, tridiagonal_eigh
+from hessian_lab.linalg.lanczos import batched_lanczos, default_breakdown_tol, tridiagonal_eigh
 from hessian_lab.linalg.linear_operator import as_linear_operator
 from hessian_lab.linalg.probes import make_generator, rademacher
 
@@ -190,6 +190,7 @@ def spectral_density(
     *,
     reorthogonalize: bool = True,
     accumulate_dtype: torch.dtype | None = None,
+    probe_batch_size: int | None = None,
 ) -> SpectralDensity:
     r"""Stochastic Lanczos quadrature of the spectral density of a symmetric operator.
 
@@ -205,6 +206,9 @@ def spectral_density(
         reorthogonalize: Full reorthogonalization (default; without it, ghost nodes share the weight
             of outliers and the basis is not stored).
         accumulate_dtype: Working dtype of the Lanczos vectors (e.g. float64 for float32 operators).
+        probe_batch_size: Probes run in lockstep, sharing one ``matmat`` per step (much cheaper
+            than one product per probe with our vmapped operators). Memory: ``probe_batch_size ×
+            num_steps × n`` for the bases. Default: as many as fit in about 256 MB.
 
     Returns:
         A :class:`SpectralDensity`; call ``.density(grid, sigma)`` with ``sigma`` a **standard
@@ -224,23 +228,25 @@ def spectral_density(
         raise ValueError("num_probes and num_steps must be positive.")
     dtype = accumulate_dtype or A.dtype
     m = min(int(num_steps), A.n)
+    if probe_batch_size is None:
+        # Probes share each product (one matmat per step); keep their bases within ~256 MB.
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        per_probe = (m if reorthogonalize else 3) * A.n * itemsize
+        probe_batch_size = max(1, min(num_probes, (256 * 2**20) // per_probe))
     gen = make_generator(A.device, seed)
     nodes = torch.zeros(num_probes, m, dtype=torch.float64)
     weights = torch.zeros(num_probes, m, dtype=torch.float64)
-    for p in range(num_probes):
-        z = rademacher((A.n,), generator=gen, dtype=dtype, device=A.device)
-        res = lanczos(
-            A,
-            m,
-            v0=z,
-            reorthogonalize=reorthogonalize,
-            accumulate_dtype=dtype,
-            on_breakdown="stop",  # quadrature on an invariant subspace is already exact
-            breakdown_tol=default_breakdown_tol(A.dtype),
+    for start in range(0, num_probes, probe_batch_size):
+        b = min(probe_batch_size, num_probes - start)
+        Z = rademacher((A.n, b), generator=gen, dtype=dtype, device=A.device)
+        alphas, betas, lengths = batched_lanczos(
+            A, Z, m, reorthogonalize=reorthogonalize, breakdown_tol=default_breakdown_tol(A.dtype)
         )
-        theta, S = tridiagonal_eigh(res.alphas, res.betas)
-        k = theta.shape[0]
-        nodes[p, :k] = theta
-        nodes[p, k:] = theta[-1]  # zero-weight padding inside the spectrum's range
-        weights[p, :k] = S[0] ** 2
+        for c in range(b):
+            k = int(lengths[c])  # a breakdown ends a probe early: its quadrature is exact
+            theta, S = tridiagonal_eigh(alphas[c, :k], betas[c, : k - 1])
+            p = start + c
+            nodes[p, :k] = theta
+            nodes[p, k:] = theta[-1]  # zero-weight padding inside the spectrum's range
+            weights[p, :k] = S[0] ** 2
     return SpectralDensity(nodes, weights, A.n, A.dtype)
