@@ -102,8 +102,9 @@ def _standardize(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, tor
     axes = (0, 2, 3)
     mean = train.mean(axis=axes, keepdims=True)
     std = train.std(axis=axes, keepdims=True) + 1e-8
-    to_tensor = lambda a: torch.from_numpy(((a - mean) / std).astype(np.float32))  # noqa: E731
-    return to_tensor(train), to_tensor(test)
+    return tuple(  # type: ignore[return-value]
+        torch.from_numpy(((a - mean) / std).astype(np.float32)) for a in (train, test)
+    )
 
 
 def _expected_layout(name: str, root: Path) -> str:
