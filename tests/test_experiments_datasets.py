@@ -134,3 +134,35 @@ def test_unknown_dataset():
         load_dataset("mnist")
     for name in ("digits", "cifar10", "cifar100", "synthetic"):
         assert name in str(info.value)
+
+
+def test_cifar_download_only_when_asked(tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    # A fabricated official archive, served by a fake urlopen: no network in tests.
+    source = tmp_path / "src" / "cifar-10-batches-py"
+    source.mkdir(parents=True)
+    for i in range(1, 6):
+        write_batch(source / f"data_batch_{i}", 2, "labels", 10, seed=i)
+    write_batch(source / "test_batch", 2, "labels", 10, seed=7)
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        tar.add(source, arcname="cifar-10-batches-py")
+    urls = []
+
+    def fake_urlopen(url, timeout=None):
+        urls.append(url)
+        return io.BytesIO(archive.getvalue())
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    root = tmp_path / "data"
+    with pytest.raises(FileNotFoundError):
+        load_cifar("cifar10", root)
+    assert urls == []
+    data = load_cifar("cifar10", root, download=True)
+    assert urls == ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"]
+    assert data.train_inputs.shape == (10, 3, 32, 32)
+    assert (root / "cifar-10-batches-py" / "test_batch").is_file()
+    load_cifar("cifar10", root, download=True)  # files present: nothing fetched again
+    assert len(urls) == 1
