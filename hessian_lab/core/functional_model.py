@@ -32,7 +32,9 @@ def functional_model(
 
     def fixed_tensors() -> dict[str, torch.Tensor]:
         fixed = {n: p.detach() for n, p in model.named_parameters() if n not in selected}
-        fixed.update({n: b for n, b in model.named_buffers()})
+        # Copies: a train-mode BatchNorm updates its running statistics in place, which
+        # torch.func forbids on captured tensors and which must not change the user's model.
+        fixed.update({n: b.clone() for n, b in model.named_buffers()})
         return fixed
 
     def f(params: Mapping[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
