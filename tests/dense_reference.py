@@ -110,13 +110,18 @@ def unflatten(theta: torch.Tensor, shapes: list[tuple[str, torch.Size]]) -> dict
 
 
 def module_forward(model: nn.Module) -> tuple[Forward, torch.Tensor, list[str]]:
-    """(f(θ, x), θ₀, names) for all parameters of ``model``, in ``named_parameters`` order."""
+    """(f(θ, x), θ₀, names) for all parameters of ``model``, in ``named_parameters`` order.
+
+    Buffers enter as fresh copies, so a train-mode BatchNorm neither changes the model nor
+    mutates a tensor captured by ``jacrev``.
+    """
     named = list(model.named_parameters())
     shapes = [(n, p.shape) for n, p in named]
     theta0 = torch.cat([p.detach().reshape(-1) for _, p in named])
 
     def forward(theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(model, unflatten(theta, shapes), (x,))
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        return torch.func.functional_call(model, {**buffers, **unflatten(theta, shapes)}, (x,))
 
     return forward, theta0, [n for n, _ in named]
 
@@ -175,6 +180,21 @@ class DenseReference:
         }[name]
 
 
+def dense_hessian(
+    risk_fn: Callable[[torch.Tensor], torch.Tensor], theta0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h, ∇h, ∇²h) at θ₀: the Hessian row by row, one double backward per row."""
+    with torch.enable_grad():
+        theta = theta0.detach().clone().requires_grad_(True)
+        risk = risk_fn(theta)
+        (g,) = torch.autograd.grad(risk, theta, create_graph=True)
+        rows = []
+        for i in range(theta.numel()):
+            (row,) = torch.autograd.grad(g[i], theta, retain_graph=True, allow_unused=True)
+            rows.append(torch.zeros_like(theta) if row is None else row)
+    return risk.detach(), g.detach(), torch.stack(rows).detach()
+
+
 def build_reference(
     forward: Forward,
     theta0: torch.Tensor,
@@ -198,16 +218,10 @@ def build_reference(
     ref = DenseReference(kind, reduction, forward, theta0.detach(), x, y, *([None] * 9))
     ref.pattern = pattern
 
-    with torch.enable_grad():
-        theta = theta0.detach().clone().requires_grad_(True)
-        risk = ref.risk(theta)
-        (g,) = torch.autograd.grad(risk, theta, create_graph=hessian is None)
-        if hessian is None:
-            rows = []
-            for i in range(theta.numel()):
-                (row,) = torch.autograd.grad(g[i], theta, retain_graph=True, allow_unused=True)
-                rows.append(torch.zeros_like(theta) if row is None else row)
-            hessian = torch.stack(rows)
+    if hessian is None:
+        risk, g, hessian = dense_hessian(ref.risk, theta0)
+    else:
+        risk, g = ref.risk(theta0), ref.grad_at(theta0)
     ref.loss = risk.detach()
     ref.gradient = g.detach()
     ref.hessian = hessian.detach()
