@@ -39,7 +39,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-CURVATURES = ("ggn", "ef", "ef_batch", "hessian")
+# (curvature, jvp_method): the LayerNorm MLP's "auto" is double backward; forward mode too.
+CASES = (
+    ("ggn", "auto"),
+    ("ggn", "forward"),
+    ("ef", "auto"),
+    ("ef_batch", "auto"),
+    ("hessian", "auto"),
+)
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -48,15 +55,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results = {}
-        for curvature in CURVATURES:  # one process group for all: spawning is the slow part
+        for curvature, method in CASES:  # one process group for all: spawning is the slow part
             ddp = nn.parallel.DistributedDataParallel(_model())
-            opt = ADLER(ddp, nn.CrossEntropyLoss(), curvature=curvature)
+            opt = ADLER(ddp, nn.CrossEntropyLoss(), curvature=curvature, jvp_method=method)
             lo = sum(SIZES[:rank])
             etas = []
             for x, y in _batches():
                 rec = opt.step(x[lo : lo + SIZES[rank]], y[lo : lo + SIZES[rank]])
                 etas.append(rec.eta)
-            results[curvature] = {
+            results[curvature, method] = {
                 "params": [p.detach() for p in ddp.module.parameters()],
                 "etas": torch.stack(etas),
             }
@@ -72,11 +79,11 @@ def ddp_results():
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
 
 
-@pytest.mark.parametrize("curvature", CURVATURES)
-def test_ddp_matches_one_process_on_the_concatenated_batch(ddp_results, curvature):
-    results = [r[curvature] for r in ddp_results]
+@pytest.mark.parametrize("curvature, method", CASES)
+def test_ddp_matches_one_process_on_the_concatenated_batch(ddp_results, curvature, method):
+    results = [r[curvature, method] for r in ddp_results]
     model = _model()
-    opt = ADLER(model, nn.CrossEntropyLoss(), curvature=curvature)
+    opt = ADLER(model, nn.CrossEntropyLoss(), curvature=curvature, jvp_method=method)
     etas = torch.stack([opt.step(x, y).eta for x, y in _batches()])
     for res in results:
         torch.testing.assert_close(res["etas"], etas, rtol=1e-6, atol=0)

@@ -158,9 +158,10 @@ class StepSizeEstimator:
             ``torch.func.jvp`` (recomputes the primal; about 3 forward-matmul units per layer).
             ``"double_backward"``: the gradient pass keeps G's graph as a function of ∂L/∂z and
             u = ∂(Gᵀd)/∂(∂L/∂z) is one more backward through it (about 2 units per layer, no
-            primal recomputation, but the backward graph is kept: more memory). ``"auto"``
-            (default): :func:`auto_jvp_method` for the whole batch, forward mode on a
-            ``curvature_fraction`` sub-batch. Both are exact; they differ in rounding only.
+            primal recomputation, but the backward graph is kept: more memory; with
+            ``curvature_fraction`` the forward is split in two so that this backward covers the
+            sub-batch only). ``"auto"`` (default): :func:`auto_jvp_method`. Both are exact; they
+            differ in rounding only.
     """
 
     def __init__(
@@ -229,7 +230,7 @@ class StepSizeEstimator:
             )
         # "double_backward": keep G's graph as a function of ∂L/∂z (sub-batch rows only) so that
         # u = J d = ∂(Gᵀd)/∂(∂L/∂z) reuses this forward instead of recomputing it.
-        keep = self._jvp_method(m < n) == "double_backward" and self.curvature in ("ggn", "ef")
+        keep = self._jvp_method() == "double_backward" and self.curvature in ("ggn", "ef")
         split = keep and m < n
         with torch.enable_grad():
             if split:  # two forwards, so the second backward runs over the sub-batch only
@@ -270,11 +271,9 @@ class StepSizeEstimator:
             state.loss, gradient, n, m, inputs, targets, curv, state, None, jvp_graph
         )
 
-    def _jvp_method(self, sub_batch: bool) -> str:
+    def _jvp_method(self) -> str:
         if self.jvp_method != "auto":
             return self.jvp_method
-        if sub_batch:  # splitting the forward for a sub-batch costs more than it saves
-            return "forward"
         if self._auto_jvp_method is None:
             self._auto_jvp_method = auto_jvp_method(self.module)
         return self._auto_jvp_method
