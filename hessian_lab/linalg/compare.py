@@ -133,7 +133,15 @@ def compare_operators(
     device = next(iter(lin.values())).device
     rows: list[dict[str, Any]] = []
 
-    def add(metric, operator, value, *, other=None, index=None, se=math.nan) -> None:
+    def add(
+        metric: str,
+        operator: str,
+        value: float | torch.Tensor,
+        *,
+        other: str | None = None,
+        index: int | None = None,
+        se: float | torch.Tensor = math.nan,
+    ) -> None:
         rows.append(
             {
                 "metric": metric,
