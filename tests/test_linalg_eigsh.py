@@ -123,3 +123,14 @@ def test_bad_arguments():
         eigsh(A, k=2, which="SM")
     with pytest.raises(ValueError, match="k must"):
         eigsh(A, k=6)
+
+
+def test_null_space_found_when_basis_nearly_fills_the_space():
+    # Regression: restart vectors were rejected when fewer than 1/4 of the dimensions were left
+    # (a fixed 0.5 norm threshold), so eigsh stopped with one copy of a multiple zero eigenvalue.
+    n = 40
+    lam = torch.cat([torch.zeros(10, dtype=F64), torch.linspace(1.0, 2.0, n - 10, dtype=F64)])
+    A = known_spectrum(lam, seed=7)
+    res = eigsh(A, k=6, which="SA", num_steps=n)
+    assert res.converged.all()
+    assert (res.eigenvalues.abs() < 1e-12).all(), res.eigenvalues

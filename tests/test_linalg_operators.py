@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import scipy.sparse.linalg as sla
 import torch
 from torch import nn
 
@@ -94,6 +95,11 @@ def test_cg_on_indefinite_hessian_reports_negative_curvature(operators):
     ref = torch.linalg.solve(dense["Q"] + lam * torch.eye(H.shape[0], dtype=F64), G)
     assert info.converged
     assert (torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref)).item() < 1e-8
+    # scipy's cg on the operator's scipy view reaches the same solution.
+    damped = ops["Q"].to_scipy() + lam * sla.aslinearoperator(np.eye(H.shape[0]))
+    xs, code = sla.cg(damped, G.numpy(), rtol=1e-12, maxiter=2000)
+    assert code == 0
+    assert np.linalg.norm(xs - x.numpy()) / np.linalg.norm(xs) < 1e-8
 
 
 def test_spectral_density_and_scipy_view(operators):
