@@ -8,6 +8,7 @@ for scale. Ratios, not absolute times, are what carries over between machines (D
 
 Example:
     python analyses/benchmark_lanczos.py              # P = 101,770, N = 1024, 100 steps, float32
+    python analyses/benchmark_lanczos.py --model cnn --batch 64   # P = 115,210
     python analyses/benchmark_lanczos.py --device cuda --repeats 3
 """
 
@@ -60,6 +61,7 @@ def run(op: object, steps: int, reorthogonalize: bool) -> tuple[float, float, in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="Lanczos steps (default 100)")
+    parser.add_argument("--model", default="mlp", choices=["mlp", "cnn"], help="default mlp")
     parser.add_argument("--hidden", type=int, default=128, help="hidden units of 784-h-10 MLP")
     parser.add_argument("--batch", type=int, default=1024, help="examples N in the operator")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -73,15 +75,23 @@ def main() -> None:
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
-    model = nn.Sequential(
-        nn.Flatten(), nn.Linear(784, args.hidden), nn.ReLU(), nn.Linear(args.hidden, 10)
-    )
-    model = model.to(device=device, dtype=dtype)
-    X = torch.randn(args.batch, 784, device=device, dtype=dtype)
+    if args.model == "mlp":
+        model = nn.Sequential(
+            nn.Flatten(), nn.Linear(784, args.hidden), nn.ReLU(), nn.Linear(args.hidden, 10)
+        )
+        in_shape, name = (784,), f"784-{args.hidden}-10 MLP"
+    else:
+        # The paper's kind of model: a CNN on 32x32 RGB images (hessian_lab.experiments.models).
+        from hessian_lab.experiments.models import build_model
+
+        model = build_model("cnn", in_shape=(3, 32, 32), width=48, depth=2)
+        in_shape, name = (3, 32, 32), "width-48 depth-2 CNN on 3x32x32"
+    model = model.to(device=device, dtype=dtype).eval()
+    X = torch.randn(args.batch, *in_shape, device=device, dtype=dtype)
     y = torch.randint(0, 10, (args.batch,), device=device)
     op = GGNOperator(model, nn.CrossEntropyLoss(), (X, y))
     print(
-        f"GGN (Q) of a 784-{args.hidden}-10 MLP: P = {op.shape[0]:,}, N = {args.batch}, "
+        f"GGN (Q) of a {name}: P = {op.shape[0]:,}, N = {args.batch}, "
         f"{args.dtype} on {device}; Lanczos {args.steps} steps"
     )
 
