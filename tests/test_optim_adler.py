@@ -239,6 +239,7 @@ def test_vit_step_in_float32():
         assert bool(rec.skipped) or bool(torch.isfinite(rec.eta_hat))
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")
 def test_adler_lowers_training_loss_of_a_cnn_on_digits():
     from sklearn.datasets import load_digits
 
