@@ -52,9 +52,8 @@ class Linearization:
         self._jvp_calls += 1
         if self._jvp_fn is None and self._linearize and self._jvp_calls > 1:
             with warnings.catch_warnings():
-                # Tracing warns about internals (constant folding, torch.jit) the user cannot act on.
+                # linearize's constant folding warns about attributes it does not need.
                 warnings.filterwarnings("ignore", message="Attempted to insert a get_attr")
-                warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
                 _, self._jvp_fn = torch.func.linearize(self._g, self._params)
         return self._jvp_fn
 
