@@ -26,6 +26,7 @@ from operator_helpers import (
     random_matrix,
     rel_err,
 )
+from torch.utils.data import DataLoader, TensorDataset
 
 ALL = all_cases()
 ROTATED = rotated_cases()
@@ -158,7 +159,7 @@ def test_several_batches(device, case, op_name, layout):
     assert op.num_examples == NUM_EXAMPLES
     assert op.cache == (layout in ("list", "loader-cache"))
     V = random_matrix(op.num_params, 2, torch.float64, device, seed=2)
-    for _ in range(2):  # the second round reuses the cache (or re-reads the loader)
+    for _ in range(2 if op.cache else 1):  # the second round reuses the cached states
         assert rel_err(op.matmat(V), ref @ V.cpu()) <= TOL[torch.float64]
     v = V[:, 0]
     assert rel_err(op.matvec(v), ref @ v.cpu()) <= TOL[torch.float64]
@@ -166,6 +167,21 @@ def test_several_batches(device, case, op_name, layout):
     assert abs(float(op.quadratic_form(v)) - float(v.cpu() @ ref @ v.cpu())) <= 1e-10 * scale
     assert rel_err(op.gradient(), c.ref.gradient) <= TOL[torch.float64]
     assert rel_err(op.loss(), c.ref.loss) <= TOL[torch.float64]
+
+
+@pytest.mark.parametrize("op_name", OPERATORS)
+def test_shuffled_loader_is_the_same_data_set(op_name):
+    """A streamed DataLoader reshuffles at every pass: each product still sees all N examples."""
+    c = get_case("cnn", "sigmoid", "bce", "sum")
+    x, y = c.data_as(torch.float64)
+    loader = DataLoader(TensorDataset(x, y), batch_size=2, shuffle=True)
+    torch.manual_seed(0)
+    op = make_operator(op_name, c.model_as(torch.float64), c.loss_fn(), loader)
+    assert not op.cache and op.num_examples == NUM_EXAMPLES
+    V = random_matrix(op.num_params, 2, torch.float64, "cpu", seed=8)
+    for _ in range(2):
+        assert rel_err(op.matmat(V), _ref_matrix(c, op_name) @ V) <= TOL[torch.float64]
+    assert rel_err(op.gradient(), c.ref.gradient) <= TOL[torch.float64]
 
 
 @pytest.mark.parametrize("op_name", OPERATORS)
@@ -186,9 +202,20 @@ def test_cache_false_equals_cache_true(op_name):
 # float32: the same parameters and data, rounded values held exactly by the float64 reference.
 
 
+@pytest.fixture
+def no_tf32(monkeypatch):
+    """True float32 on CUDA: cuDNN convolutions default to TF32 (10-bit mantissa, ~1e-3)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(precision)
+
+
 @pytest.mark.parametrize("op_name", OPERATORS)
 @pytest.mark.parametrize("case", ROTATED, ids=case_id)
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.usefixtures("no_tf32")
 def test_float32_dense_matches_reference(device, case, op_name):
     c, op, dense = dense_operator(case, op_name, "float32", device, cache=False)
     assert op.dtype == torch.float32 and dense.dtype == torch.float32

@@ -205,9 +205,7 @@ def test_train_mode_batchnorm_opt_in_gives_the_train_mode_curvature(cache):
     x = torch.randn(9, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 3, (9,), generator=torch.Generator().manual_seed(1))
     forward, theta0, _ = module_forward(copy.deepcopy(model))
-    _, g, hessian = dense_hessian(
-        lambda t: nn.functional.cross_entropy(forward(t, x), y), theta0
-    )
+    _, g, hessian = dense_hessian(lambda t: nn.functional.cross_entropy(forward(t, x), y), theta0)
     jac = torch.func.jacrev(lambda t: forward(t, x))(theta0)  # [N, C, P], examples coupled
     lambdas = output_hessians("ce", "mean", forward(theta0, x).detach())
     ggn = torch.einsum("nap,nab,nbq->pq", jac, lambdas, jac) / x.shape[0]
