@@ -36,7 +36,7 @@ class SumLoss:
 
 
 def callable_loss(kind: str, reduction: str):
-    """A plain function for "mean" (the documented default for callables); SumLoss for "sum"."""
+    """A plain function for "mean" (declared to the operator); SumLoss for "sum"."""
     if reduction == "mean":
         fn = FUNCTIONAL[kind]
         return lambda z, y: fn(z, y)
@@ -53,7 +53,9 @@ def test_callable_loss_matches_reference(model, activation, kind, reduction, op_
     x, y = c.data_as(torch.float64)
     data, cache = make_data("list-nocache", x, y)
     loss_fn = callable_loss(kind, reduction)
-    op = make_operator(op_name, c.model_as(torch.float64), loss_fn, data, **cache)
+    # A plain function has no `reduction` attribute: with several batches it must be declared.
+    declared = {"reduction": "mean"} if reduction == "mean" else {}
+    op = make_operator(op_name, c.model_as(torch.float64), loss_fn, data, **cache, **declared)
     ref = c.ref.matrix(op_name)
     V = random_matrix(op.num_params, 2, torch.float64, "cpu", seed=7)
     assert rel_err(op.matmat(V), ref @ V) <= F64

@@ -28,6 +28,7 @@ class BatchSource:
         is_fixed: True when the batches are held in memory (a single batch or a list/tuple of
             batches), so per-batch work can be cached between products.
         num_examples: N, the number of examples over all batches (first dimension of inputs).
+        num_batches: The number of non-empty batches.
     """
 
     def __init__(self, data: Batch | Iterable[Batch]) -> None:
@@ -45,7 +46,9 @@ class BatchSource:
                 "data must be an (inputs, targets) pair of tensors or an iterable of such pairs "
                 f"(e.g. a DataLoader); got {type(data).__name__}."
             )
-        self.num_examples = sum(int(x.shape[0]) for x, _ in self)
+        sizes = [int(x.shape[0]) for x, _ in self]
+        self.num_examples = sum(sizes)
+        self.num_batches = len(sizes)
         if self.num_examples == 0:
             raise ValueError("data is empty: it holds no batch with at least one example.")
 

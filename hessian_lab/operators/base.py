@@ -25,7 +25,7 @@ from hessian_lab.core import (
     select_parameters,
     vector_to_params,
 )
-from hessian_lab.output_curvature import loss_reduction
+from hessian_lab.output_curvature import loss_reduction, mean_denominator
 
 
 class CurvatureOperator(ABC):
@@ -43,6 +43,9 @@ class CurvatureOperator(ABC):
             data is held in memory (one batch or a list of batches) and streams a DataLoader;
             ``True`` with a DataLoader reads it once into memory; ``False`` saves memory.
         allow_train_mode: Accept BatchNorm/Dropout layers in train mode.
+        reduction: For a plain callable loss without a ``reduction`` attribute: ``"mean"`` if it
+            averages over the examples of a batch, ``"sum"`` if it sums. Required when it
+            matters (several batches, or GN's per-example gradients); ``nn`` losses carry it.
 
     Attributes:
         shape: ``(P, P)``.
@@ -61,13 +64,13 @@ class CurvatureOperator(ABC):
         *,
         cache: bool | None = None,
         allow_train_mode: bool = False,
+        reduction: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
         check_model_mode(model, allow_train_mode)
         self.model = model
         self.loss_fn = loss_fn
-        self.reduction = loss_reduction(loss_fn)
         selected = select_parameters(model, params)
         self.param_names = list(selected)
         self._params = {n: p.detach() for n, p in selected.items()}
@@ -84,9 +87,21 @@ class CurvatureOperator(ABC):
             source = BatchSource(list(source))
         self._source = source
         self.num_examples = source.num_examples
+        self.reduction = loss_reduction(
+            loss_fn, reduction, required=source.num_batches > 1 or self._uses_example_gradients
+        )
+        # What the whole-data "mean" divides by (N, or the summed class weights of the targets).
+        self._denominator = (
+            sum(mean_denominator(loss_fn, y, x.shape[0]) for x, y in source)
+            if self.reduction == "mean"
+            else 1.0
+        )
         self._states: list[tuple[float, Any]] | None = None
         self._gradient: torch.Tensor | None = None
         self._loss: torch.Tensor | None = None
+
+    #: Whether the operator forms per-example gradients (their scale depends on the reduction).
+    _uses_example_gradients = False
 
     # ----------------------------------------------------------------------------------------
     # What each operator defines: its per-batch state and the products with it.
@@ -109,14 +124,22 @@ class CurvatureOperator(ABC):
 
     # ----------------------------------------------------------------------------------------
 
-    def _weight(self, batch_size: int) -> float:
-        return batch_size / self.num_examples if self.reduction == "mean" else 1.0
+    def _weight(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """w_b = D_b / D for "mean" (D_b = N_b, or summed class weights), 1 for "sum"."""
+        if self.reduction == "sum":
+            return 1.0
+        return mean_denominator(self.loss_fn, targets, inputs.shape[0]) / self._denominator
 
     def _check_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         if inputs.device != self.device:
             raise ValueError(
                 f"A batch's inputs are on {inputs.device} but the parameters are on "
                 f"{self.device}; move the data to the model's device."
+            )
+        if inputs.is_floating_point() and inputs.dtype != self.dtype:
+            raise ValueError(
+                f"A batch's inputs are {inputs.dtype} but the parameters are {self.dtype}; "
+                f"convert the data with inputs.to({self.dtype}) (or the model with model.to())."
             )
 
     def _iter_states(self) -> Iterator[tuple[float, Any]]:
@@ -126,7 +149,7 @@ class CurvatureOperator(ABC):
         states = []
         for inputs, targets in self._source:
             self._check_batch(inputs, targets)
-            item = (self._weight(inputs.shape[0]), self._batch_state(inputs, targets))
+            item = (self._weight(inputs, targets), self._batch_state(inputs, targets))
             if self.cache:
                 states.append(item)
             yield item

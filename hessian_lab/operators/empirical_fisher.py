@@ -47,12 +47,20 @@ class EmpiricalFisherOperator(CurvatureOperator):
         *,
         cache: bool | None = None,
         allow_train_mode: bool = False,
+        reduction: str | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}.")
         self.mode = mode
+        self._uses_example_gradients = mode == "per_sample"
         super().__init__(
-            model, loss_fn, data, params, cache=cache, allow_train_mode=allow_train_mode
+            model,
+            loss_fn,
+            data,
+            params,
+            cache=cache,
+            allow_train_mode=allow_train_mode,
+            reduction=reduction,
         )
 
     def _batch_state(self, inputs: torch.Tensor, targets: torch.Tensor) -> JacobianState:

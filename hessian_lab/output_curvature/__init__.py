@@ -7,7 +7,11 @@ from hessian_lab.output_curvature.closed_forms import (
     CrossEntropyCurvature,
     MSECurvature,
 )
-from hessian_lab.output_curvature.factory import loss_reduction, output_curvature
+from hessian_lab.output_curvature.factory import (
+    loss_reduction,
+    mean_denominator,
+    output_curvature,
+)
 
 __all__ = [
     "AutogradCurvature",
@@ -17,5 +21,6 @@ __all__ = [
     "OutputCurvature",
     "OutputState",
     "loss_reduction",
+    "mean_denominator",
     "output_curvature",
 ]
