@@ -147,8 +147,8 @@ def test_closed_forms_are_used_only_where_exact():
     weighted = nn.CrossEntropyLoss(weight=torch.ones(NUM_CLASSES, dtype=torch.float64))
     assert type(output_curvature(weighted, z, y)) is AutogradCurvature
     y_ignored = y.clone()
-    y_ignored[0] = -100
-    assert type(output_curvature(nn.CrossEntropyLoss(), z, y_ignored)) is AutogradCurvature
+    y_ignored[0] = -100  # the closed form masks ignored targets (exactness checked above)
+    assert type(output_curvature(nn.CrossEntropyLoss(), z, y_ignored)) is CrossEntropyCurvature
     probs = torch.softmax(torch.randn_like(z), dim=-1)  # class-probability targets
     assert type(output_curvature(nn.CrossEntropyLoss(), z, probs)) is AutogradCurvature
     assert type(output_curvature(lambda a, b: F.cross_entropy(a, b), z, y)) is AutogradCurvature

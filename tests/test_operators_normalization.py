@@ -91,3 +91,20 @@ def test_data_of_another_dtype_is_named():
         GGNOperator(model, nn.CrossEntropyLoss(), (x.float(), y.clamp(min=0))).matvec(
             torch.zeros(31, dtype=torch.float64)
         )
+
+
+def test_step_size_masks_ignored_targets_on_any_batch():
+    """The curvature form is picked on the first batch; a later batch with ignored targets must
+    still give η = GᵀG / GᵀQG of its own batch (the closed form masks them)."""
+    from hessian_lab.optim.step_size import StepSizeEstimator
+
+    model, x, y = _setup()
+    loss_fn = nn.CrossEntropyLoss()
+    estimator = StepSizeEstimator(model, loss_fn, curvature="ggn", eps=0.0)
+    clean = y.clamp(min=0)
+    estimator(x[:5], clean[:5])  # first batch: no ignored target
+    step = estimator(x[5:], y[5:])  # holds two ignored targets
+    Q = GGNOperator(model, loss_fn, (x[5:], y[5:])).to_dense()
+    G = HessianOperator(model, loss_fn, (x[5:], y[5:])).gradient()
+    want = (G @ G) / (G @ Q @ G)
+    assert abs(float(step.eta) - float(want)) <= TOL * float(want)

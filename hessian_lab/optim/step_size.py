@@ -48,7 +48,12 @@ from hessian_lab.core import (
     select_parameters,
     vector_to_params,
 )
-from hessian_lab.output_curvature import OutputCurvature, OutputState, output_curvature
+from hessian_lab.output_curvature import (
+    OutputCurvature,
+    OutputState,
+    loss_reduction,
+    output_curvature,
+)
 from hessian_lab.output_curvature.base import _check_scalar, _sum_trailing
 
 CURVATURES = ("ggn", "ef", "ef_batch", "hessian")
@@ -186,9 +191,8 @@ class StepSizeEstimator:
         self.module = unwrap_model(model)
         check_model_mode(self.module, allow_train_mode)
         self.loss_fn = loss_fn
-        self.reduction = getattr(loss_fn, "reduction", "mean")
-        if self.reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction={self.reduction!r} is not supported; use 'mean' or 'sum'.")
+        # GN's per-example gradients depend on whether the loss averages or sums: never guess.
+        self.reduction = loss_reduction(loss_fn, required=curvature == "ef")
         self.curvature = curvature
         self.eps = float(eps)
         self.curvature_fraction = curvature_fraction

@@ -2,7 +2,8 @@
 
 Each matches PyTorch's reduction semantics exactly. With c the reduction constant:
 
-* CrossEntropy: Λ_n = c (diag(p_n) − p_n p_nᵀ), p = softmax(z), c = 1/N_b ("mean") or 1.
+* CrossEntropy: Λ_n = c (diag(p_n) − p_n p_nᵀ), p = softmax(z), c = 1/N_b ("mean") or 1
+  (ignored targets get c = 0 and are not counted in N_b).
   uᵀΛu = c Σ_n Σ_j p_nj (u_nj − ū_n)², ū_n = p_nᵀ u_n (no cancellation in low precision).
 * MSELoss: Λ = c·2 I, c = 1/numel(z) ("mean" averages over all N_b·C elements) or 1.
 * BCEWithLogitsLoss: Λ = c diag(σ(z)(1 − σ(z))), c as for MSE.
@@ -16,23 +17,28 @@ from hessian_lab.output_curvature.base import OutputCurvature, OutputState, _sum
 
 
 class CrossEntropyCurvature(OutputCurvature):
-    """Λ of ``nn.CrossEntropyLoss``: class-index targets, ``[N, C]`` logits, no class weights."""
+    """Λ of ``nn.CrossEntropyLoss``: class-index targets, ``[N, C]`` logits, no class weights.
+
+    Targets equal to ``ignore_index`` contribute nothing, and ``"mean"`` divides by the number
+    of the others, as PyTorch does; the mask costs no host synchronization.
+    """
 
     def _factors(self, z: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor) -> dict:
-        scale = 1.0 / z.shape[0] if self.reduction == "mean" else 1.0
-        return {"probs": torch.softmax(z.detach(), dim=-1), "scale": scale}
+        valid = (targets != getattr(self.loss_fn, "ignore_index", -100)).to(z.dtype)
+        scale = 1.0 / valid.sum() if self.reduction == "mean" else 1.0
+        return {"probs": torch.softmax(z.detach(), dim=-1), "weight": (scale * valid)[:, None]}
 
     def hessian_vector(self, state: OutputState, u: torch.Tensor) -> torch.Tensor:
-        """Λu = c (p ⊙ u − p (pᵀu)) per example."""
-        p, scale = state.factors["probs"], state.factors["scale"]
+        """Λu = c_n (p ⊙ u − p (pᵀu)) per example, c_n = valid_n / N_valid (mean) or valid_n."""
+        p, w = state.factors["probs"], state.factors["weight"]
         mean_u = (p * u).sum(dim=-1, keepdim=True)
-        return scale * p * (u - mean_u)
+        return w * p * (u - mean_u)
 
     def quadratic_form(self, state: OutputState, u: torch.Tensor) -> torch.Tensor:
-        """uᵀΛu = c Σ_n Σ_j p_nj (u_nj − ū_n)², free of the cancellation in Σpu² − ū²."""
-        p, scale = state.factors["probs"], state.factors["scale"]
+        """uᵀΛu = Σ_n c_n Σ_j p_nj (u_nj − ū_n)², free of the cancellation in Σpu² − ū²."""
+        p, w = state.factors["probs"], state.factors["weight"]
         mean_u = (p * u).sum(dim=-1, keepdim=True)
-        return scale * _sum_trailing(p * (u - mean_u) ** 2, state.outputs.dim())
+        return _sum_trailing(w * p * (u - mean_u) ** 2, state.outputs.dim())
 
 
 class MSECurvature(OutputCurvature):

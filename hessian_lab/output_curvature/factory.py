@@ -80,7 +80,7 @@ def output_curvature(
     """Return the Λ-product object for this loss and this batch.
 
     The closed forms are used only where they are exact for the given batch (e.g. cross-entropy
-    with class indices, no class weights and no ignored targets); anything else falls back to
+    with class indices and no class weights); anything else falls back to
     automatic differentiation, which is exact for every loss.
 
     Args:
@@ -96,7 +96,6 @@ def output_curvature(
             and loss_fn.weight is None
             and outputs.dim() == 2
             and not targets.is_floating_point()
-            and not bool((targets == loss_fn.ignore_index).any())
         ):
             return CrossEntropyCurvature(loss_fn, reduction)
         if type(loss_fn) is nn.MSELoss and outputs.shape == targets.shape:
