@@ -43,6 +43,10 @@ class CurvatureOperator(ABC):
             data is held in memory (one batch or a list of batches) and streams a DataLoader;
             ``True`` with a DataLoader reads it once into memory; ``False`` saves memory.
         allow_train_mode: Accept BatchNorm/Dropout layers in train mode.
+        matmat: How ``matmat`` batches k vectors: ``"vmap"`` (``torch.func.vmap`` over the
+            product), ``"loop"`` (one product per column), or ``"auto"``: a loop for models with
+            convolutions on CPU, where vmapped convolution JVPs/VJPs measured 2-3× slower per
+            column than single products (see ``analyses/benchmark_operators.py``), else vmap.
         reduction: For a plain callable loss without a ``reduction`` attribute: ``"mean"`` if it
             averages over the examples of a batch, ``"sum"`` if it sums. Required when it
             matters (several batches, or GN's per-example gradients); ``nn`` losses carry it.
@@ -64,6 +68,7 @@ class CurvatureOperator(ABC):
         *,
         cache: bool | None = None,
         allow_train_mode: bool = False,
+        matmat: str = "auto",
         reduction: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -80,6 +85,12 @@ class CurvatureOperator(ABC):
         self.device: torch.device = first.device
         self.num_params = sum(p.numel() for p in self._params.values())
         self.shape = (self.num_params, self.num_params)
+        if matmat not in ("auto", "vmap", "loop"):
+            raise ValueError(f"matmat={matmat!r} is not one of 'auto', 'vmap', 'loop'.")
+        if matmat == "auto":
+            has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+            matmat = "loop" if has_conv and self.device.type == "cpu" else "vmap"
+        self.matmat_mode = matmat
 
         source = BatchSource(data)
         self.cache = source.is_fixed if cache is None else bool(cache)
@@ -182,13 +193,20 @@ class CurvatureOperator(ABC):
         return v
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """Return C V for a ``[P, k]`` matrix V (k products, batched with ``torch.func.vmap``)."""
+        """Return C V for a ``[P, k]`` matrix V (k products, batched as ``matmat_mode`` says)."""
         V = self._check_vector(V, matrix=True)
         tangents = vector_to_params(V, self._params)
         out = torch.zeros_like(V)
         with torch.no_grad():
             for weight, state in self._iter_states():
-                out.add_(self._batch_matmat(state, tangents), alpha=weight)
+                if self.matmat_mode == "loop" and V.shape[1] > 1:
+                    cols = [
+                        {n: t[i : i + 1] for n, t in tangents.items()} for i in range(V.shape[1])
+                    ]
+                    prod = torch.cat([self._batch_matmat(state, c) for c in cols], dim=1)
+                else:
+                    prod = self._batch_matmat(state, tangents)
+                out.add_(prod, alpha=weight)
         return out
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:

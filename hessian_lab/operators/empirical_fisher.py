@@ -47,6 +47,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
         *,
         cache: bool | None = None,
         allow_train_mode: bool = False,
+        matmat: str = "auto",
         reduction: str | None = None,
     ) -> None:
         if mode not in MODES:
@@ -60,6 +61,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
             params,
             cache=cache,
             allow_train_mode=allow_train_mode,
+            matmat=matmat,
             reduction=reduction,
         )
 

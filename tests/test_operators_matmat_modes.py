@@ -1,0 +1,42 @@
+"""``matmat`` batches k products by vmap or by a loop; both equal column-wise products."""
+
+import pytest
+import torch
+from torch import nn
+
+from hessian_lab import EmpiricalFisherOperator, GGNOperator, HessianOperator
+
+OPERATORS = [HessianOperator, GGNOperator, EmpiricalFisherOperator]
+
+
+def _conv_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
+    ).double()
+
+
+@pytest.mark.parametrize("cls", OPERATORS)
+def test_loop_and_vmap_agree(cls):
+    model = _conv_model()
+    x = torch.randn(7, 1, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,))
+    data = [(x[:3], y[:3]), (x[3:], y[3:])]
+    loss = nn.CrossEntropyLoss()
+    looped = cls(model, loss, data, matmat="loop")
+    vmapped = cls(model, loss, data, matmat="vmap")
+    V = torch.randn(looped.num_params, 4, dtype=torch.float64)
+    by_columns = torch.stack([vmapped.matvec(V[:, i]) for i in range(4)], dim=1)
+    scale = by_columns.norm()
+    assert (looped.matmat(V) - by_columns).norm() <= 1e-12 * scale
+    assert (vmapped.matmat(V) - by_columns).norm() <= 1e-12 * scale
+
+
+def test_auto_loops_for_convolutions_on_cpu_only():
+    data = (torch.randn(2, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (2,)))
+    assert GGNOperator(_conv_model(), nn.CrossEntropyLoss(), data).matmat_mode == "loop"
+    mlp = nn.Sequential(nn.Linear(4, 3)).double()
+    flat = (torch.randn(2, 4, dtype=torch.float64), torch.randint(0, 3, (2,)))
+    assert GGNOperator(mlp, nn.CrossEntropyLoss(), flat).matmat_mode == "vmap"
+    with pytest.raises(ValueError, match="matmat='columns' is not one of"):
+        GGNOperator(mlp, nn.CrossEntropyLoss(), flat, matmat="columns")
