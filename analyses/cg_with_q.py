@@ -19,7 +19,8 @@ it stops there (Steihaug truncation) and the event, its iteration and its curvat
 For every solve the actual change of the risk, :math:`h(\theta + x) - h(\theta)`, is measured too.
 
 **2. Hessian-free training (Newton-CG with Q)** against ADLER, same model initialization, same
-minibatches, same number of steps. Each Hessian-free step on a minibatch I (Martens 2010):
+minibatches, same number of steps (``--adler-steps`` lets ADLER run longer, e.g. for as long in
+wall time). Each Hessian-free step on a minibatch I (Martens 2010):
 
 * CG on :math:`(Q_I + \lambda I)\, x = -G_I`, at most ``--cg-iters`` iterations, warm-started from
   ``--warm-start`` × the previous solution (Martens' 0.95), stopping rule ``"martens"``;
@@ -27,7 +28,10 @@ minibatches, same number of steps. Each Hessian-free step on a minibatch I (Mart
   :math:`m(x) = G_I^\top x + \tfrac12 x^\top Q_I x = \varphi(x) - \tfrac12\lambda\|x\|^2`;
 * Levenberg–Marquardt adjustment: :math:`\lambda \leftarrow \tfrac32\lambda` if ρ < 1/4,
   :math:`\lambda \leftarrow \tfrac23\lambda` if ρ > 3/4, kept in ``[--min-damping, 1e4]``
-  (``--fixed-damping`` turns this off);
+  (``--fixed-damping`` turns this off). The floor matters: on a 128-example minibatch ρ is
+  usually good, so λ keeps shrinking, and with a floor of 1e-6 the nearly undamped Newton steps
+  overfit their minibatch (the full training loss jumped from 0.006 to 0.18 and back, twice, in
+  300 steps; docs/analyses.md). 1e-2, about 1% of Q's top eigenvalue here, keeps it stable;
 * the step :math:`\theta \leftarrow \theta + x` is taken only if it lowers the minibatch loss
   (ρ > 0); otherwise it is rejected (and the warm start is reset).
 
@@ -46,7 +50,7 @@ It writes into ``--output-dir`` (default ``outputs/cg_with_q``):
   full-split train/test loss and accuracy every ``--eval-every`` steps);
 * ``hf_vs_adler.png`` — training loss and test accuracy against steps and wall time.
 
-Run: ``python analyses/cg_with_q.py`` (about 2-3 minutes on 2 CPU cores); ``--help`` lists the
+Run: ``python analyses/cg_with_q.py`` (about 2-2.5 minutes on 2 CPU cores); ``--help`` lists the
 options.
 """
 
@@ -88,7 +92,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--activation", default="tanh", choices=["relu", "tanh", "sigmoid"], help="CNN")
     p.add_argument("--width", type=int, default=8, help="CNN channels")
     p.add_argument("--depth", type=int, default=1, help="CNN two-convolution blocks")
-    p.add_argument("--steps", type=int, default=300, help="training steps of each optimizer")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=300,
+        help="Hessian-free steps (and ADLER's, unless --adler-steps)",
+    )
+    p.add_argument(
+        "--adler-steps",
+        type=int,
+        default=None,
+        help="ADLER steps if not --steps (>= --steps; e.g. 4500 to match the HF run's wall time)",
+    )
     p.add_argument("--batch-size", type=int, default=128, help="minibatch size of both optimizers")
     p.add_argument("--eval-every", type=int, default=20, help="full-split evaluation period")
     p.add_argument(
@@ -106,14 +121,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cg-iters", type=int, default=10, help="CG iterations per Hessian-free step")
     p.add_argument("--damping", type=float, default=1.0, help="initial Hessian-free damping")
     p.add_argument("--fixed-damping", action="store_true", help="no Levenberg-Marquardt adjustment")
-    p.add_argument("--min-damping", type=float, default=1e-6, help="floor of the adjusted damping")
+    p.add_argument("--min-damping", type=float, default=1e-2, help="floor of the adjusted damping")
     p.add_argument(
         "--warm-start", type=float, default=0.95, help="CG starts from this x previous solution"
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="precision")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny products: 1)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.adler_steps is None:
+        args.adler_steps = args.steps
+    if args.steps < 2 or args.adler_steps < args.steps:
+        p.error("need --steps >= 2 and --adler-steps >= --steps")
+    return args
 
 
 @torch.no_grad()
@@ -318,8 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"CNN ({args.activation}, width {args.width}, depth {args.depth}): P = "
         f"{setup.num_params:,}; CG study on N = {args.curvature_examples} training digits at "
-        f"steps {list(points)}, dampings {args.dampings}; {args.steps} steps of batch "
-        f"{args.batch_size} per optimizer; {args.dtype}"
+        f"steps {list(points)}, dampings {args.dampings}; ADLER {args.adler_steps} and "
+        f"Hessian-free {args.steps} steps of batch {args.batch_size}; {args.dtype}"
     )
 
     iters, solves = [], []
@@ -331,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
 
     adler = adler_run(
         setup,
-        args.steps,
+        args.adler_steps,
         args.batch_size,
         args.seed,
         points,

@@ -28,7 +28,7 @@ It writes into ``--output-dir`` (default ``outputs/spectra_along_training``):
 * ``overlaps.png`` — eigenspace overlaps and Frobenius distances between operators over training;
 * ``rayleigh.png`` — the Rayleigh quotients along G and the step sizes, with ADLER's η_k and η̂_k.
 
-Run: ``python analyses/spectra_along_training.py`` (about 2-3 minutes on 2 CPU cores);
+Run: ``python analyses/spectra_along_training.py`` (about 1.5 minutes on 2 CPU cores);
 ``--help`` lists the options.
 """
 

@@ -180,3 +180,18 @@ def test_cg_training_comparison_is_sane(cg_run):
     # An accepted step lowered its minibatch loss, so ρ > 0 there.
     assert (hf[hf.accepted.astype(bool)].rho > 0).all()
     assert not math.isnan(hf.loss.iloc[-1])
+
+
+@pytest.mark.parametrize("name", ["spectra_along_training.py", "cg_with_q.py"])
+def test_help_and_bad_options(name):
+    run = subprocess.run(
+        [sys.executable, str(ANALYSES / name), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0 and "--output-dir" in run.stdout
+    if name == "cg_with_q.py":
+        bad = [sys.executable, str(ANALYSES / name), "--steps", "10", "--adler-steps", "5"]
+        run = subprocess.run(bad, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and "--adler-steps >= --steps" in run.stderr
