@@ -4,20 +4,21 @@ For each model the unit is the time of one gradient (forward + backward of the l
 batch; every other row is a ratio to it, all measured in one run:
 
 * ``new op + 1 product``: build an operator on the batch and do one product (nothing cached);
-* ``amortized product``: the median product over ``--products`` products on one operator;
+* ``amortized product``: the fastest of ``--products`` products on one operator;
 * ``matmat(16) / column``: a 16-column ``matmat`` divided by 16.
 
 When ``curvlinops-for-pytorch`` is importable, the same rows are measured for its GGN, Hessian
 and empirical-Fisher operators (``check_deterministic=False``, so its construction does not run
 its own extra probes).
 
-Run: ``python analyses/benchmark_operators.py`` (add ``--device cuda`` on a GPU).
+Every time is the minimum over repeats (after a warm-up), so load from other processes on a shared
+machine inflates it least. Run: ``python analyses/benchmark_operators.py --threads 1`` (add
+``--device cuda`` on a GPU).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
@@ -51,7 +52,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def median_time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+def best_time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -60,7 +61,7 @@ def median_time(fn: Callable[[], object], device: torch.device, repeats: int) ->
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)  # the least-disturbed run: other processes only ever add time
 
 
 def ours(kind: str) -> Callable:
@@ -93,7 +94,7 @@ def benchmark(name: str, model: nn.Module, batch, device: torch.device, args) ->
     def gradient() -> None:
         torch.autograd.grad(loss(model(batch[0]), batch[1]), params)
 
-    unit = median_time(gradient, device, args.repeats)
+    unit = best_time(gradient, device, args.repeats)
     v = torch.randn(P, device=device)
     V = torch.randn(P, 16, device=device)
     rows = [
@@ -104,13 +105,11 @@ def benchmark(name: str, model: nn.Module, batch, device: torch.device, args) ->
             make = factory(kind)
             if make is None:
                 continue
-            first = median_time(
-                lambda make=make: make(model, loss, batch) @ v, device, args.repeats
-            )
+            first = best_time(lambda make=make: make(model, loss, batch) @ v, device, args.repeats)
             op = make(model, loss, batch)
             op @ v  # fills any cache
-            amortized = median_time(lambda op=op: op @ v, device, args.products)
-            per_col = median_time(lambda op=op: op @ V, device, max(3, args.repeats // 2)) / 16
+            amortized = best_time(lambda op=op: op @ v, device, args.products)
+            per_col = best_time(lambda op=op: op @ V, device, max(3, args.repeats // 2)) / 16
             for row, value in (
                 ("new op + 1 product", first),
                 ("amortized product", amortized),
