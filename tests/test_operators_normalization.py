@@ -108,3 +108,26 @@ def test_step_size_masks_ignored_targets_on_any_batch():
     G = HessianOperator(model, loss_fn, (x[5:], y[5:])).gradient()
     want = (G @ G) / (G @ Q @ G)
     assert abs(float(step.eta) - float(want)) <= TOL * float(want)
+
+
+class _CountingLoader:
+    """An iterable of batches that counts how often it is read (a stand-in for a DataLoader)."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
+
+
+@pytest.mark.parametrize("cache, passes_after_two_products", [(None, 3), (True, 1)])
+def test_a_loader_is_read_once_at_construction(cache, passes_after_two_products):
+    model, x, y = _setup()
+    loader = _CountingLoader([(x[:5], y[:5]), (x[5:], y[5:])])
+    op = GGNOperator(model, nn.CrossEntropyLoss(), loader, cache=cache)
+    assert loader.passes == 1  # counting N and the "mean" denominator share one pass
+    v = torch.ones(op.num_params, dtype=torch.float64)
+    op.matvec(v)
+    op.matvec(v)
+    assert loader.passes == passes_after_two_products  # streamed: one pass per product

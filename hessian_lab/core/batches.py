@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -23,34 +23,47 @@ class BatchSource:
 
     Args:
         data: One batch ``(inputs, targets)`` or an iterable of such batches (list, DataLoader).
+        denominator: ``(inputs, targets) -> float``, summed over the batches in the same pass
+            that counts them (what a "mean" loss divides by); default: the batch size.
 
     Attributes:
         is_fixed: True when the batches are held in memory (a single batch or a list/tuple of
             batches), so per-batch work can be cached between products.
         num_examples: N, the number of examples over all batches (first dimension of inputs).
         num_batches: The number of non-empty batches.
+        total_denominator: The sum of ``denominator`` over the batches.
     """
 
-    def __init__(self, data: Batch | Iterable[Batch]) -> None:
+    def __init__(
+        self,
+        data: Batch | Iterable[Batch],
+        denominator: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
+    ) -> None:
+        self.is_fixed = self.in_memory(data)
         if _is_single_batch(data):
             self._batches: Sequence[Batch] | Iterable[Batch] = [tuple(data)]  # type: ignore[list-item]
-            self.is_fixed = True
         elif isinstance(data, (list, tuple)):
             self._batches = [self._check_batch(b, i) for i, b in enumerate(data)]
-            self.is_fixed = True
         elif isinstance(data, Iterable):
             self._batches = data
-            self.is_fixed = False
         else:
             raise TypeError(
                 "data must be an (inputs, targets) pair of tensors or an iterable of such pairs "
                 f"(e.g. a DataLoader); got {type(data).__name__}."
             )
-        sizes = [int(x.shape[0]) for x, _ in self]
-        self.num_examples = sum(sizes)
-        self.num_batches = len(sizes)
+        # One pass over the data: a DataLoader may be expensive to iterate.
+        self.num_examples, self.num_batches, self.total_denominator = 0, 0, 0.0
+        for x, y in self:
+            self.num_examples += int(x.shape[0])
+            self.num_batches += 1
+            self.total_denominator += denominator(x, y) if denominator else float(x.shape[0])
         if self.num_examples == 0:
             raise ValueError("data is empty: it holds no batch with at least one example.")
+
+    @staticmethod
+    def in_memory(data: Any) -> bool:
+        """Whether ``data`` is one batch or a list/tuple of batches (not a loader to iterate)."""
+        return _is_single_batch(data) or isinstance(data, (list, tuple))
 
     @staticmethod
     def _check_batch(batch: Any, index: int) -> Batch:

@@ -92,21 +92,17 @@ class CurvatureOperator(ABC):
             matmat = "loop" if has_conv and self.device.type == "cpu" else "vmap"
         self.matmat_mode = matmat
 
-        source = BatchSource(data)
-        self.cache = source.is_fixed if cache is None else bool(cache)
-        if self.cache and not source.is_fixed:
-            source = BatchSource(list(source))
+        self.cache = BatchSource.in_memory(data) if cache is None else bool(cache)
+        if self.cache and not BatchSource.in_memory(data) and isinstance(data, Iterable):
+            data = list(data)  # read a loader once; products then reuse the cached batches
+        source = BatchSource(data, lambda x, y: mean_denominator(loss_fn, y, x.shape[0]))
         self._source = source
         self.num_examples = source.num_examples
         self.reduction = loss_reduction(
             loss_fn, reduction, required=source.num_batches > 1 or self._uses_example_gradients
         )
         # What the whole-data "mean" divides by (N, or the summed class weights of the targets).
-        self._denominator = (
-            sum(mean_denominator(loss_fn, y, x.shape[0]) for x, y in source)
-            if self.reduction == "mean"
-            else 1.0
-        )
+        self._denominator = source.total_denominator if self.reduction == "mean" else 1.0
         self._states: list[tuple[float, Any]] | None = None
         self._gradient: torch.Tensor | None = None
         self._loss: torch.Tensor | None = None
