@@ -40,3 +40,22 @@ def test_auto_loops_for_convolutions_on_cpu_only():
     assert GGNOperator(mlp, nn.CrossEntropyLoss(), flat).matmat_mode == "vmap"
     with pytest.raises(ValueError, match="matmat='columns' is not one of"):
         GGNOperator(mlp, nn.CrossEntropyLoss(), flat, matmat="columns")
+
+
+@pytest.mark.parametrize(
+    "loss, uses_forward_mode",
+    [(nn.CrossEntropyLoss(), True), (nn.MSELoss(), False)],
+    ids=["ce: forward-over-reverse", "mse-mean: falls back to double backward"],
+)
+def test_hessian_matmat_through_layernorm(loss, uses_forward_mode):
+    """vmap(jvp(grad)) is exact through LayerNorm; where forward mode raises (MSELoss "mean"
+    in torch 2.13) the double-backward path takes over and gives the same columns."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(9, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,)) if uses_forward_mode else torch.randn(9, 3, dtype=torch.float64)
+    op = HessianOperator(model, loss, (x, y), matmat="vmap")
+    V = torch.randn(op.num_params, 5, dtype=torch.float64)
+    by_columns = torch.stack([op.matvec(V[:, i]) for i in range(5)], dim=1)
+    assert (op.matmat(V) - by_columns).norm() <= 1e-12 * by_columns.norm()
+    assert op._forward_over_reverse is uses_forward_mode
