@@ -10,6 +10,7 @@ from hessian_lab.core.parameters import (
     select_parameters,
     vector_to_params,
 )
+from hessian_lab.core.progress import PlainProgress, progress_bar
 
 __all__ = [
     "Batch",
@@ -18,6 +19,8 @@ __all__ = [
     "functional_model",
     "Linearization",
     "params_to_matrix",
+    "PlainProgress",
+    "progress_bar",
     "params_to_vector",
     "select_parameters",
     "vector_to_params",
