@@ -186,11 +186,12 @@ def test_list_with_a_malformed_batch():
 
 
 @needs_cuda
-def test_data_on_another_device_than_the_parameters():
+def test_data_on_another_device_is_moved_to_the_parameters():
     x, y = _data()
-    op = GGNOperator(_net(), nn.CrossEntropyLoss(), (x.cuda(), y.cuda()))
-    with _raises(ValueError, "cuda", "cpu", "device"):
-        op.matvec(torch.ones(P, dtype=torch.float64))
+    on_gpu = GGNOperator(_net(), nn.CrossEntropyLoss(), (x.cuda(), y.cuda()))
+    on_cpu = GGNOperator(_net(), nn.CrossEntropyLoss(), (x, y))
+    v = torch.ones(P, dtype=torch.float64)
+    assert torch.allclose(on_gpu.matvec(v), on_cpu.matvec(v), rtol=1e-12, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,8 +1,19 @@
 """Layer 1: the model and loss as pure functions of a parameter dict, and the data they see."""
 
-from hessian_lab.core.batches import Batch, BatchSource
+from hessian_lab.core.attention import differentiable_attention
+from hessian_lab.core.batches import Batch, BatchFn, BatchSource, batch_examples, is_batch
 from hessian_lab.core.functional_model import functional_model
 from hessian_lab.core.linearization import Linearization
+from hessian_lab.core.model_call import (
+    ModelInputs,
+    OutputFn,
+    call_arguments,
+    forward,
+    input_tensors,
+    move_inputs,
+    prediction,
+    slice_examples,
+)
 from hessian_lab.core.model_checks import check_model_mode
 from hessian_lab.core.parameters import (
     params_to_matrix,
@@ -14,14 +25,26 @@ from hessian_lab.core.progress import PlainProgress, progress_bar
 
 __all__ = [
     "Batch",
+    "BatchFn",
     "BatchSource",
-    "check_model_mode",
-    "functional_model",
     "Linearization",
-    "params_to_matrix",
+    "ModelInputs",
+    "OutputFn",
     "PlainProgress",
-    "progress_bar",
+    "batch_examples",
+    "call_arguments",
+    "check_model_mode",
+    "differentiable_attention",
+    "forward",
+    "functional_model",
+    "input_tensors",
+    "is_batch",
+    "move_inputs",
+    "params_to_matrix",
     "params_to_vector",
+    "prediction",
+    "progress_bar",
     "select_parameters",
+    "slice_examples",
     "vector_to_params",
 ]

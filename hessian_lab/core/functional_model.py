@@ -7,18 +7,26 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from hessian_lab.core.attention import differentiable_attention
+from hessian_lab.core.model_call import ModelInputs, OutputFn, call_arguments, prediction
+
 
 def functional_model(
-    model: nn.Module, param_names: list[str]
-) -> Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]:
-    """Return ``f(params, inputs) -> outputs`` with only ``param_names`` treated as arguments.
+    model: nn.Module, param_names: list[str], output_fn: OutputFn | None = None
+) -> Callable[[Mapping[str, torch.Tensor], ModelInputs], torch.Tensor]:
+    """Return ``f(params, inputs) -> z`` with only ``param_names`` treated as arguments.
 
     The other parameters and the buffers are read from ``model`` at call time, detached, so that
-    they act as constants for every ``torch.func`` transform.
+    they act as constants for every ``torch.func`` transform. Inputs are unpacked as
+    :func:`~hessian_lab.core.model_call.call_arguments` says, attention runs through kernels
+    that support forward mode and double backward
+    (:func:`~hessian_lab.core.attention.differentiable_attention`), and the output is mapped to
+    the loss's input by :func:`~hessian_lab.core.model_call.prediction`.
 
     Args:
         model: The network (not a ``DistributedDataParallel`` wrapper: pass ``ddp.module``).
         param_names: Names of the parameters that span θ.
+        output_fn: Maps the model's output to z (default: the tensor, or its ``logits``).
 
     Returns:
         The pure function z = f(x; θ).
@@ -37,8 +45,11 @@ def functional_model(
         fixed.update({n: b.clone() for n, b in model.named_buffers()})
         return fixed
 
-    def f(params: Mapping[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-        # tie_weights=True (the default) lets a shared weight enter under its first name only.
-        return torch.func.functional_call(model, {**fixed_tensors(), **params}, (inputs,))
+    def f(params: Mapping[str, torch.Tensor], inputs: ModelInputs) -> torch.Tensor:
+        args, kwargs = call_arguments(inputs)
+        with differentiable_attention():
+            # tie_weights=True (the default) lets a shared weight enter under its first name.
+            output = torch.func.functional_call(model, {**fixed_tensors(), **params}, args, kwargs)
+        return prediction(output, output_fn)
 
     return f

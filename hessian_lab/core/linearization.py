@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -18,7 +19,7 @@ class Linearization:
     Args:
         f: Pure model function ``f(params, inputs) -> outputs``.
         params: The point θ (detached tensors keyed by name).
-        inputs: The batch's inputs x.
+        inputs: The batch's inputs x (a tensor, a tuple of tensors or a dict of tensors).
         linearize: From the second JVP on, trace the JVP once with ``torch.func.linearize`` so
             that later JVPs skip the primal computation. Tracing costs about two gradients, so
             the first JVP uses ``torch.func.jvp`` (an operator used once never pays for it).
@@ -30,9 +31,9 @@ class Linearization:
 
     def __init__(
         self,
-        f: Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor],
+        f: Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor],
         params: Mapping[str, torch.Tensor],
-        inputs: torch.Tensor,
+        inputs: Any,
         linearize: bool = True,
     ) -> None:
         params = dict(params)
@@ -54,7 +55,12 @@ class Linearization:
             with warnings.catch_warnings():
                 # linearize's constant folding warns about attributes it does not need.
                 warnings.filterwarnings("ignore", message="Attempted to insert a get_attr")
-                _, self._jvp_fn = torch.func.linearize(self._g, self._params)
+                try:
+                    _, self._jvp_fn = torch.func.linearize(self._g, self._params)
+                except Exception:  # noqa: BLE001 - tracing is an optimization only
+                    # Some models do not trace (data-dependent Python control flow, ops
+                    # without a tracing rule): every JVP then recomputes the primal instead.
+                    self._linearize = False
         return self._jvp_fn
 
     def jvp(self, tangents: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -18,14 +18,18 @@ from torch import nn
 
 from hessian_lab.core import (
     Batch,
+    BatchFn,
     BatchSource,
+    OutputFn,
     check_model_mode,
     functional_model,
+    input_tensors,
     params_to_vector,
+    progress_bar,
     select_parameters,
     vector_to_params,
 )
-from hessian_lab.output_curvature import loss_reduction, mean_denominator
+from hessian_lab.output_curvature import LossReduction
 
 
 class CurvatureOperator(ABC):
@@ -37,6 +41,11 @@ class CurvatureOperator(ABC):
             ``"sum"``) or any callable ``(outputs, targets) -> scalar``; a callable without a
             ``reduction`` attribute is taken to average over the examples of a batch.
         data: One ``(inputs, targets)`` batch or an iterable of batches (e.g. a DataLoader).
+            Inputs may be a tensor (``model(x)``), a tuple/list of tensors (``model(*x)``) or
+            a dict of tensors (``model(**x)``); batches on another device are moved to the
+            parameters' device. A DataLoader is iterated on every product unless cached; one
+            whose batches change between passes (shuffle, ``drop_last``, random augmentation)
+            raises instead of averaging different matrices.
         params: ``None`` for every parameter with ``requires_grad``, or a list of names.
         cache: Keep per-batch work that does not depend on the vector (forward pass, output
             curvature, VJP closure, linearized JVP) between products. ``None`` caches when the
@@ -50,6 +59,14 @@ class CurvatureOperator(ABC):
         reduction: For a plain callable loss without a ``reduction`` attribute: ``"mean"`` if it
             averages over the examples of a batch, ``"sum"`` if it sums. Required when it
             matters (several batches, or GN's per-example gradients); ``nn`` losses carry it.
+            A "mean" divides by the first dimension of the targets (for class-index
+            cross-entropy / NLL modules: the summed weight of the non-ignored targets); see
+            :class:`~hessian_lab.output_curvature.LossReduction`.
+        output_fn: Maps the model's output to the tensor the loss takes. Default: a tensor as
+            it is, else its ``logits`` attribute or key (Hugging Face ``ModelOutput``, a dict).
+        batch_fn: Maps each item of ``data`` to ``(inputs, targets)``, e.g.
+            ``lambda b: ({k: v for k, v in b.items() if k != "labels"}, b["labels"])``.
+        progress: Show a progress bar over the batches of each pass over a DataLoader.
 
     Attributes:
         shape: ``(P, P)``.
@@ -70,6 +87,9 @@ class CurvatureOperator(ABC):
         allow_train_mode: bool = False,
         matmat: str = "auto",
         reduction: str | None = None,
+        output_fn: OutputFn | None = None,
+        batch_fn: BatchFn | None = None,
+        progress: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
@@ -79,7 +99,9 @@ class CurvatureOperator(ABC):
         selected = select_parameters(model, params)
         self.param_names = list(selected)
         self._params = {n: p.detach() for n, p in selected.items()}
-        self._f = functional_model(model, self.param_names)
+        self._f = functional_model(model, self.param_names, output_fn)
+        self.output_fn = output_fn
+        self.progress = progress
         first = next(iter(self._params.values()))
         self.dtype: torch.dtype = first.dtype
         self.device: torch.device = first.device
@@ -92,17 +114,24 @@ class CurvatureOperator(ABC):
             matmat = "loop" if has_conv and self.device.type == "cpu" else "vmap"
         self.matmat_mode = matmat
 
-        self.cache = BatchSource.in_memory(data) if cache is None else bool(cache)
-        if self.cache and not BatchSource.in_memory(data) and isinstance(data, Iterable):
+        self.cache = BatchSource.in_memory(data, batch_fn) if cache is None else bool(cache)
+        if self.cache and not BatchSource.in_memory(data, batch_fn) and isinstance(data, Iterable):
             data = list(data)  # read a loader once; products then reuse the cached batches
-        source = BatchSource(data, lambda x, y: mean_denominator(loss_fn, y, x.shape[0]))
+        loss = LossReduction.of(loss_fn, reduction)
+        source = BatchSource(
+            data,
+            lambda x, y: float(loss.denominator(y)),
+            batch_fn=batch_fn,
+            device=self.device,
+        )
         self._source = source
         self.num_examples = source.num_examples
-        self.reduction = loss_reduction(
-            loss_fn, reduction, required=source.num_batches > 1 or self._uses_example_gradients
+        #: The loss and its reduction, decided here once and read by every part of the operator.
+        self.loss_reduction = LossReduction.of(
+            loss, required=source.num_batches > 1 or self._uses_example_gradients
         )
         # What the whole-data "mean" divides by (N, or the summed class weights of the targets).
-        self._denominator = source.total_denominator if self.reduction == "mean" else 1.0
+        self._denominator = source.total_denominator
         self._states: list[tuple[float, Any]] | None = None
         self._gradient: torch.Tensor | None = None
         self._loss: torch.Tensor | None = None
@@ -110,11 +139,16 @@ class CurvatureOperator(ABC):
     #: Whether the operator forms per-example gradients (their scale depends on the reduction).
     _uses_example_gradients = False
 
+    @property
+    def reduction(self) -> str:
+        """The loss's reduction, ``"mean"`` or ``"sum"``."""
+        return self.loss_reduction.reduction
+
     # ----------------------------------------------------------------------------------------
     # What each operator defines: its per-batch state and the products with it.
 
     @abstractmethod
-    def _batch_state(self, inputs: torch.Tensor, targets: torch.Tensor) -> Any:
+    def _batch_state(self, inputs: Any, targets: torch.Tensor) -> Any:
         """Tangent-independent work for one batch (a forward pass, closures, factors)."""
 
     @abstractmethod
@@ -131,32 +165,31 @@ class CurvatureOperator(ABC):
 
     # ----------------------------------------------------------------------------------------
 
-    def _weight(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
-        """w_b = D_b / D for "mean" (D_b = N_b, or summed class weights), 1 for "sum"."""
-        if self.reduction == "sum":
-            return 1.0
-        return mean_denominator(self.loss_fn, targets, inputs.shape[0]) / self._denominator
-
-    def _check_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        if inputs.device != self.device:
-            raise ValueError(
-                f"A batch's inputs are on {inputs.device} but the parameters are on "
-                f"{self.device}; move the data to the model's device."
-            )
-        if inputs.is_floating_point() and inputs.dtype != self.dtype:
-            raise ValueError(
-                f"A batch's inputs are {inputs.dtype} but the parameters are {self.dtype}; "
-                f"convert the data with inputs.to({self.dtype}) (or the model with model.to())."
-            )
+    def _check_batch(self, inputs: Any) -> None:
+        for t in input_tensors(inputs):
+            if t.is_floating_point() and t.dtype != self.dtype:
+                raise ValueError(
+                    f"A batch's inputs are {t.dtype} but the parameters are {self.dtype}; "
+                    f"convert the data with inputs.to({self.dtype}) (or the model with "
+                    "model.to())."
+                )
 
     def _iter_states(self) -> Iterator[tuple[float, Any]]:
         if self.cache and self._states is not None:
             yield from self._states
             return
         states = []
-        for inputs, targets in self._source:
-            self._check_batch(inputs, targets)
-            item = (self._weight(inputs, targets), self._batch_state(inputs, targets))
+        batches = progress_bar(
+            self._source,
+            total=self._source.num_batches,
+            desc=f"{type(self).__name__} pass",
+            unit="batch",
+            enable=self.progress and not self.cache,
+        )
+        for inputs, targets in batches:
+            self._check_batch(inputs)
+            weight = self.loss_reduction.batch_weight(targets, self._denominator)
+            item = (weight, self._batch_state(inputs, targets))
             if self.cache:
                 states.append(item)
             yield item

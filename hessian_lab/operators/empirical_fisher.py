@@ -7,15 +7,14 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from hessian_lab.core import Batch, params_to_matrix
-from hessian_lab.operators.base import CurvatureOperator
-from hessian_lab.operators.ggn import JacobianState, jacobian_gradient, jacobian_state
-from hessian_lab.output_curvature.base import _sum_trailing
+from hessian_lab.core import Batch, BatchFn, OutputFn
+from hessian_lab.operators.ggn import JacobianCurvatureOperator
+from hessian_lab.output_curvature import OutputCurvature, gradient_outer_product
 
 MODES = ("per_sample", "batch")
 
 
-class EmpiricalFisherOperator(CurvatureOperator):
+class EmpiricalFisherOperator(JacobianCurvatureOperator):
     r"""The paper's GN matrix: ∇²L replaced by an outer product of loss gradients (footnote 8).
 
     The paper's text admits two readings; both are here.
@@ -28,6 +27,8 @@ class EmpiricalFisherOperator(CurvatureOperator):
       (drop 1/N for ``reduction="sum"``; for MSE/BCE with ``"mean"``, ℓ_n is the example's loss
       averaged over its outputs, as PyTorch's mean does). GN v = (1/N) Σ g_n (∇ℓ_n · J_n v):
       one JVP, per-example dot products and one VJP; per-example gradients are never formed.
+      It is Q with Λ_n replaced by ∇ℓ_n ∇ℓ_nᵀ
+      (:class:`~hessian_lab.output_curvature.GradientOuterProduct`).
     * ``mode="batch"``: L is the whole-data loss, so GN = G Gᵀ with G = ∇h, of rank one; in
       ADLER it gives η = 1 / ‖G‖².
 
@@ -49,6 +50,9 @@ class EmpiricalFisherOperator(CurvatureOperator):
         allow_train_mode: bool = False,
         matmat: str = "auto",
         reduction: str | None = None,
+        output_fn: OutputFn | None = None,
+        batch_fn: BatchFn | None = None,
+        progress: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}.")
@@ -63,38 +67,13 @@ class EmpiricalFisherOperator(CurvatureOperator):
             allow_train_mode=allow_train_mode,
             matmat=matmat,
             reduction=reduction,
+            output_fn=output_fn,
+            batch_fn=batch_fn,
+            progress=progress,
         )
 
-    def _batch_state(self, inputs: torch.Tensor, targets: torch.Tensor) -> JacobianState:
-        return jacobian_state(self, inputs, targets)
-
-    def _dots(self, state: JacobianState, u: torch.Tensor) -> torch.Tensor:
-        """s_n = ∇ℓ_n · u_n for every example (and every leading tangent)."""
-        out = state.output_state
-        n_out = out.outputs.dim() - 1  # dimensions of one example's output
-        scale = state.curvature.example_scale(out.outputs.shape[0])
-        return scale * _sum_trailing(out.output_grad * u, n_out)
-
-    def _batch_matmat(
-        self, state: JacobianState, tangents: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        u = state.linearization.jvp_batched(tangents)
-        s = self._dots(state, u)
-        grad = state.output_state.output_grad
-        # Jᵀ Σ_n s_n ∂L_b/∂z_n = (1/N_b) Σ_n g_n (g_n · v) for "mean" (∇ℓ_n = N_b ∂L_b/∂z_n).
-        cot = s.reshape(*s.shape, *([1] * (grad.dim() - 1))) * grad
-        return params_to_matrix(state.linearization.vjp_batched(cot))
-
-    def _batch_quadratic(
-        self, state: JacobianState, tangent: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        u = state.linearization.jvp(tangent)
-        s = self._dots(state, u)
-        scale = state.curvature.example_scale(u.shape[0])
-        return (s * s).sum() / scale
-
-    def _batch_gradient(self, state: JacobianState) -> tuple[torch.Tensor, torch.Tensor]:
-        return jacobian_gradient(state)
+    def _output_matrix(self, outputs: torch.Tensor, targets: torch.Tensor) -> OutputCurvature:
+        return gradient_outer_product(self.loss_reduction)
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """Return GN V for a ``[P, k]`` matrix V."""

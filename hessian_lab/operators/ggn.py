@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -13,29 +15,50 @@ from hessian_lab.output_curvature import OutputCurvature, OutputState, output_cu
 
 @dataclass
 class JacobianState:
-    """A batch's linearization plus its output-space curvature (shared with the Fisher)."""
+    """A batch's linearization plus its output-space matrix M (Λ for Q, ∇ℓ∇ℓᵀ for GN)."""
 
     linearization: Linearization
     curvature: OutputCurvature
     output_state: OutputState
 
 
-def jacobian_state(
-    op: CurvatureOperator, inputs: torch.Tensor, targets: torch.Tensor
-) -> JacobianState:
-    """Forward once, keep the VJP closure, the linearized JVP and Λ's factors."""
-    lin = Linearization(op._f, op._params, inputs, linearize=op.cache)
-    curvature = output_curvature(op.loss_fn, lin.outputs, targets)
-    return JacobianState(lin, curvature, curvature.state(lin.outputs, targets))
+class JacobianCurvatureOperator(CurvatureOperator):
+    """C = Σ_b w_b J_bᵀ M_b J_b for an output-space matrix M_b: the shared body of Q and GN.
+
+    Per batch: C_b V = Jᵀ (M (J V)), vᵀ C_b v = (Jv)ᵀ M (Jv) (no VJP), and the gradient
+    Jᵀ ∂L_b/∂z. Subclasses choose M through :meth:`_output_matrix`.
+    """
+
+    @abstractmethod
+    def _output_matrix(self, outputs: torch.Tensor, targets: torch.Tensor) -> OutputCurvature:
+        """M_b for one batch, from its outputs z and targets."""
+
+    def _batch_state(self, inputs: Any, targets: torch.Tensor) -> JacobianState:
+        """Forward once, keep the VJP closure, the linearized JVP and M's factors."""
+        lin = Linearization(self._f, self._params, inputs, linearize=self.cache)
+        curvature = self._output_matrix(lin.outputs, targets)
+        return JacobianState(lin, curvature, curvature.state(lin.outputs, targets))
+
+    def _batch_matmat(
+        self, state: JacobianState, tangents: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        u = state.linearization.jvp_batched(tangents)
+        w = state.curvature.hessian_vector(state.output_state, u)
+        return params_to_matrix(state.linearization.vjp_batched(w))
+
+    def _batch_quadratic(
+        self, state: JacobianState, tangent: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        u = state.linearization.jvp(tangent)
+        return state.curvature.quadratic_form(state.output_state, u)
+
+    def _batch_gradient(self, state: JacobianState) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_b, ∇L_b = Jᵀ ∂L_b/∂z) from a batch's Jacobian state."""
+        grad = state.linearization.vjp(state.output_state.output_grad)
+        return state.output_state.loss, params_to_vector(grad)
 
 
-def jacobian_gradient(state: JacobianState) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_b, ∇L_b = Jᵀ ∂L_b/∂z) from a batch's Jacobian state."""
-    grad = state.linearization.vjp(state.output_state.output_grad)
-    return state.output_state.loss, params_to_vector(grad)
-
-
-class GGNOperator(CurvatureOperator):
+class GGNOperator(JacobianCurvatureOperator):
     r"""The paper's Q, the generalized Gauss–Newton (GGN) matrix of the risk.
 
     .. math:: Q = \frac{1}{N} \sum_n J_n^\top \Lambda_n J_n, \qquad
@@ -62,21 +85,5 @@ class GGNOperator(CurvatureOperator):
         True
     """
 
-    def _batch_state(self, inputs: torch.Tensor, targets: torch.Tensor) -> JacobianState:
-        return jacobian_state(self, inputs, targets)
-
-    def _batch_matmat(
-        self, state: JacobianState, tangents: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        u = state.linearization.jvp_batched(tangents)
-        w = state.curvature.hessian_vector(state.output_state, u)
-        return params_to_matrix(state.linearization.vjp_batched(w))
-
-    def _batch_quadratic(
-        self, state: JacobianState, tangent: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        u = state.linearization.jvp(tangent)
-        return state.curvature.quadratic_form(state.output_state, u)
-
-    def _batch_gradient(self, state: JacobianState) -> tuple[torch.Tensor, torch.Tensor]:
-        return jacobian_gradient(state)
+    def _output_matrix(self, outputs: torch.Tensor, targets: torch.Tensor) -> OutputCurvature:
+        return output_curvature(self.loss_reduction, outputs, targets)

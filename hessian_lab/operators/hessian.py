@@ -2,13 +2,60 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from hessian_lab.core import params_to_matrix, params_to_vector
 from hessian_lab.operators.base import CurvatureOperator
-from hessian_lab.output_curvature.base import _check_scalar
+
+
+def hessian_vector_products(
+    grads: Sequence[torch.Tensor],
+    leaves: Sequence[torch.Tensor],
+    tangents: Sequence[torch.Tensor],
+    *,
+    batched: bool = False,
+    retain_graph: bool = True,
+) -> list[torch.Tensor]:
+    """H v = ∂(∇h · v)/∂θ by a backward through the graph of ``grads`` (double backward).
+
+    Args:
+        grads: ∇h as tensors built with ``create_graph=True`` from ``leaves``.
+        leaves: The parameters θ the gradient was taken with respect to.
+        tangents: v, one tensor per leaf (with a leading dimension of k when ``batched``).
+        batched: k tangents at once (``is_grads_batched``).
+        retain_graph: Keep the graph for further products.
+
+    Returns:
+        H v per leaf; a parameter the gradient does not depend on gets a zero row of H.
+    """
+    with torch.enable_grad():
+        prods = torch.autograd.grad(
+            list(grads),
+            list(leaves),
+            grad_outputs=list(tangents),
+            retain_graph=retain_graph,
+            allow_unused=True,
+            is_grads_batched=batched,
+        )
+    return [
+        torch.zeros_like(t) if hp is None else hp for hp, t in zip(prods, tangents, strict=True)
+    ]
+
+
+def hessian_quadratic(
+    grads: Sequence[torch.Tensor],
+    leaves: Sequence[torch.Tensor],
+    tangents: Sequence[torch.Tensor],
+    *,
+    retain_graph: bool = True,
+) -> torch.Tensor:
+    """vᵀ H v from one Hessian-vector product (:func:`hessian_vector_products`), a 0-dim tensor."""
+    prods = hessian_vector_products(grads, leaves, tangents, retain_graph=retain_graph)
+    return torch.stack([(hp * t).sum() for hp, t in zip(prods, tangents, strict=True)]).sum()
 
 
 @dataclass
@@ -18,7 +65,7 @@ class HessianState:
     leaves: dict[str, torch.Tensor]
     loss: torch.Tensor
     grads: tuple[torch.Tensor, ...]
-    inputs: torch.Tensor
+    inputs: Any
     targets: torch.Tensor
 
 
@@ -45,11 +92,10 @@ class HessianOperator(CurvatureOperator):
     #: Whether vmapped forward-over-reverse works for this model and loss (None: not tried yet).
     _forward_over_reverse: bool | None = None
 
-    def _batch_state(self, inputs: torch.Tensor, targets: torch.Tensor) -> HessianState:
+    def _batch_state(self, inputs: Any, targets: torch.Tensor) -> HessianState:
         leaves = {n: p.detach().requires_grad_(True) for n, p in self._params.items()}
         with torch.enable_grad():
-            loss = self.loss_fn(self._f(leaves, inputs), targets)
-            _check_scalar(loss)
+            loss = self.loss_reduction(self._f(leaves, inputs), targets)
             grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
         return HessianState(leaves, loss.detach(), grads, inputs, targets)
 
@@ -59,65 +105,47 @@ class HessianOperator(CurvatureOperator):
         params = {n: p.detach() for n, p in state.leaves.items()}
 
         def risk(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            return self.loss_fn(self._f(p, state.inputs), state.targets)
+            return self.loss_reduction(self._f(p, state.inputs), state.targets)
 
         def hvp(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             return torch.func.jvp(torch.func.grad(risk), (params,), (t,))[1]
 
         return params_to_matrix(torch.func.vmap(hvp)(tangents))
 
-    def _hvp(self, state: HessianState, tangents: list[torch.Tensor], batched: bool) -> tuple:
-        with torch.enable_grad():
-            return torch.autograd.grad(
-                state.grads,
-                list(state.leaves.values()),
-                grad_outputs=tangents,
-                retain_graph=True,
-                allow_unused=True,
-                is_grads_batched=batched,
-            )
+    def _hvp(self, state: HessianState, tangents: list[torch.Tensor], batched: bool) -> list:
+        return hessian_vector_products(
+            state.grads, list(state.leaves.values()), tangents, batched=batched
+        )
 
     def _batch_matmat(self, state: HessianState, tangents: dict[str, torch.Tensor]) -> torch.Tensor:
         ts = list(tangents.values())
         k = ts[0].shape[0]
         if k == 1:
-            cols = [self._hvp(state, [t[0] for t in ts], batched=False)]
-            return self._columns(state, cols)
+            return self._columns([self._hvp(state, [t[0] for t in ts], batched=False)])
         if self._forward_over_reverse is not False:
             try:
                 out = self._forward_over_reverse_matmat(state, tangents)
                 self._forward_over_reverse = True
                 return out
-            except (RuntimeError, NotImplementedError):
-                self._forward_over_reverse = False  # e.g. ZeroTensors in MSELoss("mean")
+            except Exception:  # noqa: BLE001 - an optimization with an exact fallback below
+                # e.g. ZeroTensors in MSELoss("mean"), or a model that does not run under vmap
+                self._forward_over_reverse = False
         try:
             prods = self._hvp(state, ts, batched=True)
-            return params_to_matrix(
-                dict(zip(state.leaves, self._fill(state, prods, k), strict=True))
-            )
+            return params_to_matrix(dict(zip(state.leaves, prods, strict=True)))
         except RuntimeError:
             # Some operations have no vmap rule for their double backward: loop instead.
-            cols = [self._hvp(state, [t[i] for t in ts], batched=False) for i in range(k)]
-            return self._columns(state, cols)
+            return self._columns(
+                [self._hvp(state, [t[i] for t in ts], batched=False) for i in range(k)]
+            )
 
-    @staticmethod
-    def _fill(state: HessianState, prods: tuple, k: int | None = None) -> list[torch.Tensor]:
-        # A parameter the gradient does not depend on has a zero Hessian row.
-        out = []
-        for p, hp in zip(state.leaves.values(), prods, strict=True):
-            if hp is None:
-                hp = torch.zeros((k, *p.shape) if k else p.shape, dtype=p.dtype, device=p.device)
-            out.append(hp)
-        return out
-
-    def _columns(self, state: HessianState, cols: list[tuple]) -> torch.Tensor:
-        return torch.stack([params_to_vector(self._fill(state, c)) for c in cols], dim=1)
+    def _columns(self, cols: list[list[torch.Tensor]]) -> torch.Tensor:
+        return torch.stack([params_to_vector(c) for c in cols], dim=1)
 
     def _batch_quadratic(
         self, state: HessianState, tangent: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        prods = self._fill(state, self._hvp(state, list(tangent.values()), batched=False))
-        return sum((hp * t).sum() for hp, t in zip(prods, tangent.values(), strict=True))
+        return hessian_quadratic(state.grads, list(state.leaves.values()), list(tangent.values()))
 
     def _batch_gradient(self, state: HessianState) -> tuple[torch.Tensor, torch.Tensor]:
         return state.loss, params_to_vector([g.detach() for g in state.grads])

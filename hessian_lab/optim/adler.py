@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hessian_lab.core import vector_to_params
+from hessian_lab.core import ModelInputs, OutputFn, vector_to_params
 from hessian_lab.optim.averaging import average_value, check_averaging, update_average
 from hessian_lab.optim.distributed import weighted_all_reduce
 from hessian_lab.optim.step_size import CURVATURES, StepSizeEstimator, quadratic_step
@@ -95,6 +95,11 @@ class ADLER(torch.optim.Optimizer):
             (``None``: never). On CPU the check is immediate; on CUDA it reads a flag copied
             asynchronously, so it may raise a few steps late but never synchronizes the step.
         allow_train_mode: Accept BatchNorm/Dropout in train mode.
+        reduction: For a plain callable loss without a ``reduction`` attribute, ``"mean"`` or
+            ``"sum"`` (required for ``"ef"``); see
+            :class:`~hessian_lab.output_curvature.LossReduction`.
+        output_fn: Maps the model's output to the tensor the loss takes (default: a tensor,
+            else its ``logits``, as a Hugging Face ``ModelOutput`` has).
         jvp_method: ``"auto"`` (default), ``"forward"`` (``torch.func.jvp``) or
             ``"double_backward"`` (reuse the gradient pass's forward); see
             :class:`~hessian_lab.optim.step_size.StepSizeEstimator`. Same u = J G up to
@@ -131,6 +136,9 @@ class ADLER(torch.optim.Optimizer):
         max_consecutive_skips: int | None = 10,
         allow_train_mode: bool = False,
         jvp_method: str = "auto",
+        *,
+        reduction: str | None = None,
+        output_fn: OutputFn | None = None,
     ) -> None:
         if curvature not in CURVATURES:
             raise ValueError(f"curvature={curvature!r} is not one of {CURVATURES}.")
@@ -147,7 +155,16 @@ class ADLER(torch.optim.Optimizer):
                 f"max_consecutive_skips must be >= 1 or None, got {max_consecutive_skips}."
             )
         self._estimator = StepSizeEstimator(
-            model, loss_fn, curvature, params, eps, curvature_fraction, allow_train_mode, jvp_method
+            model,
+            loss_fn,
+            curvature,
+            params,
+            eps,
+            curvature_fraction,
+            allow_train_mode,
+            jvp_method,
+            reduction=reduction,
+            output_fn=output_fn,
         )
         self._process_group = None
         self._distributed = False
@@ -199,8 +216,12 @@ class ADLER(torch.optim.Optimizer):
         """(s_k, c_k) of the running average."""
         return self._s, self._c
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> ADLERRecord:  # type: ignore[override]
-        """One ADLER update on the batch (inputs, targets); returns an :class:`ADLERRecord`."""
+    def step(self, inputs: ModelInputs, targets: torch.Tensor) -> ADLERRecord:  # type: ignore[override]
+        """One ADLER update on the batch (inputs, targets); returns an :class:`ADLERRecord`.
+
+        ``inputs`` is a tensor (``model(x)``), a tuple of tensors (``model(*x)``) or a dict of
+        tensors (``model(**x)``).
+        """
         group = self.param_groups[0]
         est = self._estimator
         # Options live in the param group so that load_state_dict restores them.
@@ -214,9 +235,8 @@ class ADLER(torch.optim.Optimizer):
         if self._distributed:
             # One collective for G and the loss; G's tensors become views of the reduced buffer.
             packed = torch.cat([g.reshape(-1) for g in gp.gradient.values()] + [loss.reshape(1)])
-            packed = weighted_all_reduce(
-                packed, gp.num_examples, est.reduction, self._process_group
-            )
+            weight = est.loss_reduction.denominator(targets)  # N_b, or summed class weights
+            packed = weighted_all_reduce(packed, weight, est.reduction, self._process_group)
             loss = packed[-1]
             gp.gradient = vector_to_params(packed[:-1], gp.gradient)  # "ef_batch" needs global G
         grads = list(gp.gradient.values())
@@ -225,8 +245,9 @@ class ADLER(torch.optim.Optimizer):
         curv = est.curvature_along(gp, gp.gradient)
         if self._distributed and group["curvature"] != "ef_batch":
             # GᵀG is global already; GᵀCG is a per-rank mean until reduced (DESIGN.md §6).
+            sub_weight = est.loss_reduction.denominator(gp.targets)  # the curvature's examples
             curv = weighted_all_reduce(
-                curv.reshape(1), gp.curvature_examples, est.reduction, self._process_group
+                curv.reshape(1), sub_weight, est.reduction, self._process_group
             )[0]
         q = quadratic_step(grad_sq, curv, grad_sq, group["eps"])
         eta = q.eta

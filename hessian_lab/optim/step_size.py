@@ -42,19 +42,25 @@ import torch
 from torch import nn
 
 from hessian_lab.core import (
+    ModelInputs,
+    OutputFn,
+    batch_examples,
     check_model_mode,
+    forward,
     functional_model,
     params_to_vector,
     select_parameters,
+    slice_examples,
     vector_to_params,
 )
+from hessian_lab.operators.hessian import hessian_quadratic
 from hessian_lab.output_curvature import (
+    LossReduction,
     OutputCurvature,
     OutputState,
-    loss_reduction,
+    gradient_outer_product,
     output_curvature,
 )
-from hessian_lab.output_curvature.base import _check_scalar, _sum_trailing
 
 CURVATURES = ("ggn", "ef", "ef_batch", "hessian")
 JVP_METHODS = ("auto", "forward", "double_backward")
@@ -112,7 +118,7 @@ class GradientPass:
     gradient: dict[str, torch.Tensor]
     num_examples: int
     curvature_examples: int
-    inputs: torch.Tensor
+    inputs: ModelInputs
     targets: torch.Tensor
     output_curvature: OutputCurvature | None = None
     output_state: OutputState | None = None
@@ -153,6 +159,11 @@ class StepSizeEstimator:
     Args:
         model: The network (a ``DistributedDataParallel`` wrapper is unwrapped to ``.module``).
         loss_fn: A loss ``(outputs, targets) -> scalar`` with ``reduction`` ``"mean"`` or ``"sum"``.
+        reduction: For a plain callable loss without a ``reduction`` attribute: ``"mean"`` or
+            ``"sum"`` (required for ``"ef"``); see
+            :class:`~hessian_lab.output_curvature.LossReduction`.
+        output_fn: Maps the model's output to the tensor the loss takes (default: a tensor,
+            else its ``logits``).
         curvature: ``"ggn"`` (Q), ``"ef"`` (per-example GN), ``"ef_batch"`` (G Gᵀ) or
             ``"hessian"`` (H).
         params: ``None`` for every parameter with ``requires_grad``, or a list of names.
@@ -179,6 +190,9 @@ class StepSizeEstimator:
         curvature_fraction: float | None = None,
         allow_train_mode: bool = False,
         jvp_method: str = "auto",
+        *,
+        reduction: str | None = None,
+        output_fn: OutputFn | None = None,
     ) -> None:
         if jvp_method not in JVP_METHODS:
             raise ValueError(f"jvp_method={jvp_method!r} is not one of {JVP_METHODS}.")
@@ -192,7 +206,8 @@ class StepSizeEstimator:
         check_model_mode(self.module, allow_train_mode)
         self.loss_fn = loss_fn
         # GN's per-example gradients depend on whether the loss averages or sums: never guess.
-        self.reduction = loss_reduction(loss_fn, required=curvature == "ef")
+        self.loss_reduction = LossReduction.of(loss_fn, reduction, required=curvature == "ef")
+        self.output_fn = output_fn
         self.curvature = curvature
         self.eps = float(eps)
         self.curvature_fraction = curvature_fraction
@@ -200,33 +215,43 @@ class StepSizeEstimator:
         self._auto_jvp_method: str | None = None
         self.params = select_parameters(self.module, params)
         self.param_names = list(self.params)
-        self._f = functional_model(self.module, self.param_names)
+        self._f = functional_model(self.module, self.param_names, output_fn)
         self._curvature_type: type[OutputCurvature] | None = None
+
+    @property
+    def reduction(self) -> str:
+        """The loss's reduction, ``"mean"`` or ``"sum"``."""
+        return self.loss_reduction.reduction
 
     # ---------------------------------------------------------------------------------------
 
     def _output_curvature(self, z: torch.Tensor, targets: torch.Tensor) -> OutputCurvature:
+        """M of the curvature: the loss's Λ ("ggn", "hessian") or GN's ∇ℓ∇ℓᵀ ("ef")."""
+        if self.curvature == "ef":
+            return gradient_outer_product(self.loss_reduction)
         # Pick the closed form once: the factory inspects the targets (a host sync on CUDA).
         if self._curvature_type is None:
-            chosen = output_curvature(self.loss_fn, z, targets)
+            chosen = output_curvature(self.loss_reduction, z, targets)
             self._curvature_type = type(chosen)
             return chosen
-        return self._curvature_type(self.loss_fn, self.reduction)
+        return self._curvature_type(self.loss_reduction)
 
-    def gradient_pass(self, inputs: torch.Tensor, targets: torch.Tensor) -> GradientPass:
+    def _forward(self, inputs: ModelInputs) -> torch.Tensor:
+        return forward(self.module, inputs, self.output_fn)
+
+    def gradient_pass(self, inputs: ModelInputs, targets: torch.Tensor) -> GradientPass:
         """One forward + backward: the loss h_I(θ) and G = ∇h_I(θ).
 
         For ``"ggn"``/``"ef"`` the loss and ∂L/∂z are taken in output space and G = Jᵀ ∂L/∂z,
         so Λ's factors come for free. For ``"hessian"`` on the whole batch the graph of G is
         kept (``create_graph=True``) for the Hessian-vector product.
         """
-        n = int(inputs.shape[0])
+        n = batch_examples(targets)
         m = curvature_examples(n, self.curvature_fraction)
         leaves = list(self.params.values())
         if self.curvature == "hessian" and m == n:
             with torch.enable_grad():
-                loss = self.loss_fn(self.module(inputs), targets)
-                _check_scalar(loss)
+                loss = self.loss_reduction(self._forward(inputs), targets)
                 grads = torch.autograd.grad(loss, leaves, create_graph=True)
             gradient = {k: g.detach() for k, g in zip(self.param_names, grads, strict=True)}
             return GradientPass(
@@ -238,10 +263,11 @@ class StepSizeEstimator:
         split = keep and m < n
         with torch.enable_grad():
             if split:  # two forwards, so the second backward runs over the sub-batch only
-                z_sub, z_rest = self.module(inputs[:m]), self.module(inputs[m:])
+                z_sub = self._forward(slice_examples(inputs, slice(None, m)))
+                z_rest = self._forward(slice_examples(inputs, slice(m, None)))
                 z = torch.cat([z_sub, z_rest])
             else:
-                z = self.module(inputs)
+                z = self._forward(inputs)
         curv = self._output_curvature(z.detach(), targets)
         state = curv.state(z, targets)
         jvp_graph = None
@@ -264,7 +290,7 @@ class StepSizeEstimator:
                 gradient,
                 n,
                 m,
-                inputs[:m],
+                slice_examples(inputs, slice(None, m)),
                 targets[:m],
                 curv,
                 sub_state,
@@ -306,7 +332,7 @@ class StepSizeEstimator:
             gd = inner(gp.gradient, direction)
             return gd * gd
         # "sum" reduction: scale a sub-batch sum up to the batch (a "mean" needs no scaling).
-        scale = gp.num_examples / gp.curvature_examples if self.reduction == "sum" else 1.0
+        scale = self.loss_reduction.sub_batch_scale(gp.num_examples, gp.curvature_examples)
         if self.curvature == "hessian":
             value = self._hessian_quadratic(gp, direction)
         else:
@@ -327,12 +353,8 @@ class StepSizeEstimator:
             _, u = torch.func.jvp(f, (primals,), (d,))
         state, curv = gp.output_state, gp.output_curvature
         assert state is not None and curv is not None
-        if self.curvature == "ggn":
-            return curv.quadratic_form(state, u)
-        # "ef": s_n = ∇ℓ_n · u_n with ∇ℓ_n = N_b ∂L_b/∂z_n ("mean"); dᵀGNd = Σ s_n² / N_b.
-        ex_scale = curv.example_scale(u.shape[0])
-        s = ex_scale * _sum_trailing(state.output_grad * u, u.dim() - 1)
-        return (s * s).sum() / ex_scale
+        # uᵀ M u with M = Λ ("ggn") or GN's ∇ℓ∇ℓᵀ ("ef"): the operators' own output matrices.
+        return curv.quadratic_form(state, u)
 
     def _double_backward_jvp(self, gp: GradientPass, d: dict[str, torch.Tensor]) -> torch.Tensor:
         """The JVP u = J d as ∂(Jᵀw · d)/∂w at w = ∂L/∂z: one backward through G's graph."""
@@ -353,25 +375,19 @@ class StepSizeEstimator:
             # Sub-batch: its own forward + backward with the graph kept, then the product.
             leaves = list(self.params.values())
             with torch.enable_grad():
-                loss = self.loss_fn(self.module(gp.inputs), gp.targets)
+                loss = self.loss_reduction(self._forward(gp.inputs), gp.targets)
                 grads = torch.autograd.grad(loss, leaves, create_graph=True)
         else:
             leaves, grads = gp.hessian_graph
             gp.hessian_graph = None  # the graph is freed by the product below
         tangents = [d[k] for k in self.param_names]
-        with torch.enable_grad():
-            hd = torch.autograd.grad(grads, leaves, grad_outputs=tangents, allow_unused=True)
-        total = torch.zeros((), dtype=tangents[0].dtype, device=tangents[0].device)
-        for h, t in zip(hd, tangents, strict=True):
-            if h is not None:  # a parameter the gradient does not depend on: zero row of H
-                total = total + (h * t).sum()
-        return total
+        return hessian_quadratic(grads, leaves, tangents, retain_graph=False)
 
     # ---------------------------------------------------------------------------------------
 
     def __call__(
         self,
-        inputs: torch.Tensor,
+        inputs: ModelInputs,
         targets: torch.Tensor,
         direction: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
     ) -> StepSize:
@@ -402,7 +418,7 @@ def quadratic_step(
 def step_size(
     model: nn.Module,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    inputs: torch.Tensor,
+    inputs: ModelInputs,
     targets: torch.Tensor,
     curvature: str = "ggn",
     direction: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
@@ -426,7 +442,8 @@ def step_size(
         eps: ε of C + εI.
         params: Parameter names spanning θ (``None``: all trainable).
         curvature_fraction: Estimate dᵀCd on the first ⌈f·N⌉ examples.
-        **kwargs: Passed to :class:`StepSizeEstimator` (``allow_train_mode``).
+        **kwargs: Passed to :class:`StepSizeEstimator` (``allow_train_mode``, ``jvp_method``,
+            ``reduction``, ``output_fn``).
 
     Returns:
         A :class:`StepSize` of 0-dim tensors.

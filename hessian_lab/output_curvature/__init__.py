@@ -1,26 +1,28 @@
-"""Layer 2: the Hessian Λ of the loss with respect to the network outputs."""
+"""Layer 2: output-space matrices (Λ for Q, gradient outer products for GN), one loss reduction."""
 
 from hessian_lab.output_curvature.autograd_curvature import AutogradCurvature
-from hessian_lab.output_curvature.base import OutputCurvature, OutputState
+from hessian_lab.output_curvature.base import OutputCurvature, OutputState, sum_per_tangent
 from hessian_lab.output_curvature.closed_forms import (
     BCEWithLogitsCurvature,
     CrossEntropyCurvature,
     MSECurvature,
 )
-from hessian_lab.output_curvature.factory import (
-    loss_reduction,
-    mean_denominator,
-    output_curvature,
-)
+from hessian_lab.output_curvature.factory import gradient_outer_product, output_curvature
+from hessian_lab.output_curvature.gradient_outer_product import GradientOuterProduct
+from hessian_lab.output_curvature.reduction import REDUCTIONS, LossReduction, check_scalar
 
 __all__ = [
     "AutogradCurvature",
     "BCEWithLogitsCurvature",
     "CrossEntropyCurvature",
+    "GradientOuterProduct",
+    "LossReduction",
     "MSECurvature",
     "OutputCurvature",
     "OutputState",
-    "loss_reduction",
-    "mean_denominator",
+    "REDUCTIONS",
+    "check_scalar",
+    "gradient_outer_product",
     "output_curvature",
+    "sum_per_tangent",
 ]

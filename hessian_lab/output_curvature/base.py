@@ -2,16 +2,19 @@
 
 For a batch of N_b examples with outputs z (shape ``[N_b, ...]``), L_b(z) is the loss exactly as
 the PyTorch loss computes it, reduction included. Products with Λ are cheap (output space), and
-they are what turns Jacobian products into the paper's Q = Jᵀ Λ J (DESIGN.md §2).
+they are what turns Jacobian products into the paper's Q = Jᵀ Λ J (DESIGN.md §2). The same
+interface carries the GN baseline's output-space matrix (:mod:`.gradient_outer_product`), so
+that every Jacobian-based curvature is C_b = Jᵀ M J with one M per curvature.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from hessian_lab.output_curvature.reduction import LossReduction
 
 
 @dataclass
@@ -35,31 +38,32 @@ class OutputState:
 
 
 class OutputCurvature(ABC):
-    """Λ-products for one loss function and one reduction.
+    """Products with an output-space matrix M (Λ for Q, ∇ℓ∇ℓᵀ for GN) for one loss.
 
     Tangents ``u`` have the shape of z, optionally with one leading dimension of k tangents.
 
-    Attributes:
-        loss_fn: The callable ``(outputs, targets) -> scalar``.
-        reduction: ``"mean"`` (the loss averages over examples) or ``"sum"``.
+    Args:
+        loss: The loss and its reduction (:class:`LossReduction`), decided once by the caller.
     """
 
-    def __init__(
-        self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], reduction: str
-    ):
-        self.loss_fn = loss_fn
-        self.reduction = reduction
+    def __init__(self, loss: LossReduction):
+        self.loss = loss
 
-    def example_scale(self, num_batch_examples: int) -> float:
-        """Factor turning ∂L_b/∂z_n into the per-example gradient ∇ℓ_n (N_b for mean, 1 for sum)."""
-        return float(num_batch_examples) if self.reduction == "mean" else 1.0
+    @property
+    def loss_fn(self):
+        """The loss callable."""
+        return self.loss.loss_fn
+
+    @property
+    def reduction(self) -> str:
+        """``"mean"`` or ``"sum"``."""
+        return self.loss.reduction
 
     def state(self, outputs: torch.Tensor, targets: torch.Tensor) -> OutputState:
         """Evaluate the loss, its output gradient and the tangent-independent factors."""
         z = outputs.detach().requires_grad_(True)
         with torch.enable_grad():
-            loss = self.loss_fn(z, targets)
-            _check_scalar(loss)
+            loss = self.loss(z, targets)
             (grad,) = torch.autograd.grad(loss, z, create_graph=self._needs_graph())
         state = OutputState(z.detach(), targets, loss.detach(), grad.detach(), {})
         state.factors = self._factors(z, targets, grad)
@@ -74,23 +78,14 @@ class OutputCurvature(ABC):
 
     @abstractmethod
     def hessian_vector(self, state: OutputState, u: torch.Tensor) -> torch.Tensor:
-        """Return Λ u (same shape as u)."""
+        """Return M u (same shape as u)."""
 
     def quadratic_form(self, state: OutputState, u: torch.Tensor) -> torch.Tensor:
-        """Return uᵀ Λ u, one value per leading tangent if u has an extra leading dimension."""
+        """Return uᵀ M u, one value per leading tangent if u has an extra leading dimension."""
         prod = self.hessian_vector(state, u) * u
-        return _sum_trailing(prod, state.outputs.dim())
+        return sum_per_tangent(prod, state.outputs.dim())
 
 
-def _sum_trailing(t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """Sum the last ``ndim`` dimensions (one tangent's worth) of t."""
+def sum_per_tangent(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Sum the last ``ndim`` dimensions (one tangent's worth, or one example's) of t."""
     return t.sum(dim=tuple(range(t.dim() - ndim, t.dim()))) if ndim else t
-
-
-def _check_scalar(loss: torch.Tensor) -> None:
-    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise ValueError(
-            f"The loss must return a scalar, got {shape}. Use reduction='mean' or 'sum' "
-            "(reduction='none' gives per-element losses, which have no single curvature)."
-        )

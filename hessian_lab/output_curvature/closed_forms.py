@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from hessian_lab.output_curvature.base import OutputCurvature, OutputState, _sum_trailing
+from hessian_lab.output_curvature.base import OutputCurvature, OutputState, sum_per_tangent
 
 
 class CrossEntropyCurvature(OutputCurvature):
@@ -38,7 +38,7 @@ class CrossEntropyCurvature(OutputCurvature):
         """uᵀΛu = Σ_n c_n Σ_j p_nj (u_nj − ū_n)², free of the cancellation in Σpu² − ū²."""
         p, w = state.factors["probs"], state.factors["weight"]
         mean_u = (p * u).sum(dim=-1, keepdim=True)
-        return _sum_trailing(w * p * (u - mean_u) ** 2, state.outputs.dim())
+        return sum_per_tangent(w * p * (u - mean_u) ** 2, state.outputs.dim())
 
 
 class MSECurvature(OutputCurvature):
