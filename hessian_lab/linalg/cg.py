@@ -30,7 +30,11 @@ from typing import Literal
 
 import torch
 
-from hessian_lab.linalg.linear_operator import TorchLinearOperator, as_linear_operator
+from hessian_lab.linalg.linear_operator import (
+    TorchLinearOperator,
+    as_linear_operator,
+    reports_progress,
+)
 
 __all__ = ["CGInfo", "cg"]
 
@@ -83,6 +87,7 @@ def _as_preconditioner(
     )
 
 
+@reports_progress("CG", total=lambda a: a["maxiter"])
 def cg(
     op: object,
     b: torch.Tensor,
@@ -117,6 +122,8 @@ def cg(
         martens_eps: :math:`\epsilon` of Martens' rule (5e-4 in the paper).
         curvature_tol: Negative curvature is declared when
             :math:`p^\top (A + \lambda I) p \le` ``curvature_tol`` :math:`\cdot \|p\|^2`.
+
+        progress: Show a progress bar counting the products (default ``False``).
 
     Returns:
         ``(x, info)``: the last iterate (shaped like ``b``) and a :class:`CGInfo`. A column that

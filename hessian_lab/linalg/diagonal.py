@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from hessian_lab.linalg.linear_operator import as_linear_operator
+from hessian_lab.linalg.linear_operator import as_linear_operator, reports_progress
 from hessian_lab.linalg.probes import make_generator, rademacher
 
 __all__ = ["DiagonalEstimate", "hutchinson_diagonal"]
@@ -34,6 +34,7 @@ class DiagonalEstimate(NamedTuple):
     num_matvecs: int
 
 
+@reports_progress("Hutchinson diagonal", total=lambda a: a["num_probes"])
 def hutchinson_diagonal(
     op: object, num_probes: int = 100, seed: int | None = 0, *, batch_size: int = 16
 ) -> DiagonalEstimate:
@@ -47,6 +48,8 @@ def hutchinson_diagonal(
         num_probes: Number of Rademacher probes ``p`` (= products); at least 2 for a standard error.
         seed: Seed of a :class:`torch.Generator` on the operator's device.
         batch_size: Probes per ``matmat`` call.
+
+        progress: Show a progress bar counting the products (default ``False``).
 
     Returns:
         :class:`DiagonalEstimate`.

@@ -14,7 +14,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from hessian_lab.linalg.lanczos import LanczosProcess, default_breakdown_tol, tridiagonal_eigh
-from hessian_lab.linalg.linear_operator import as_linear_operator
+from hessian_lab.linalg.linear_operator import as_linear_operator, reports_progress
 from hessian_lab.linalg.probes import make_generator
 
 __all__ = ["EigshResult", "eigsh", "select_which"]
@@ -99,6 +99,7 @@ def _complement_explored(
     )
 
 
+@reports_progress("eigsh", total=lambda a: a["num_steps"])
 def eigsh(
     op: object,
     k: int = 6,
@@ -141,6 +142,7 @@ def eigsh(
             float32 operator).
         check_every: Steps between two convergence checks.
         warn: Emit a :class:`RuntimeWarning` when some pairs did not converge.
+        progress: Show a progress bar counting the products (default ``False``).
 
     Returns:
         An :class:`EigshResult` (ascending eigenvalues, eigenvectors ``[n, k]``, residual norms,

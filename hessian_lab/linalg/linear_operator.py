@@ -16,15 +16,28 @@ the input, so that callers never have to think about the conversion.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import scipy.sparse
 import scipy.sparse.linalg
 import torch
 
-__all__ = ["TorchLinearOperator", "as_linear_operator"]
+from hessian_lab.core import progress_bar
+
+__all__ = [
+    "TorchLinearOperator",
+    "as_linear_operator",
+    "products_with_progress",
+    "reports_progress",
+]
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -148,3 +161,61 @@ def as_linear_operator(op: object) -> TorchLinearOperator:
             return torch.stack([op.matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
 
     return TorchLinearOperator(shape, dtype, device, fn)
+
+
+@contextlib.contextmanager
+def products_with_progress(
+    A: TorchLinearOperator, *, enable: bool, total: int | None, desc: str
+) -> Iterator[TorchLinearOperator]:
+    """``A`` with a progress bar counting its products (one unit per column of ``V``).
+
+    Args:
+        A: The operator.
+        enable: ``False`` yields ``A`` itself (no bar, no overhead).
+        total: The expected number of products (``None`` when unknown, e.g. CG's).
+        desc: The bar's label.
+    """
+    if not enable:
+        yield A
+        return
+    bar = progress_bar(total=total, desc=desc, unit="product")
+
+    def fn(V: torch.Tensor) -> torch.Tensor:
+        out = A.fn(V)
+        bar.update(V.shape[1])
+        return out
+
+    try:
+        yield TorchLinearOperator(A.shape, A.dtype, A.device, fn)
+    finally:
+        bar.close()
+
+
+def reports_progress(
+    desc: str, total: Callable[[dict[str, Any]], int | None] | None = None
+) -> Callable[[Callable[..., R]], Callable[..., R]]:
+    """Give a routine ``f(op, ...)`` a ``progress=False`` keyword: a bar over its products.
+
+    Args:
+        desc: The bar's label.
+        total: Maps the routine's bound arguments (defaults applied) to the expected number of
+            products, or ``None`` when unknown.
+    """
+
+    def decorate(routine: Callable[..., R]) -> Callable[..., R]:
+        signature = inspect.signature(routine)
+
+        @functools.wraps(routine)
+        def with_progress(op: object, *args: Any, progress: bool = False, **kwargs: Any) -> R:
+            if not progress:
+                return routine(op, *args, **kwargs)
+            bound = signature.bind(op, *args, **kwargs)
+            bound.apply_defaults()
+            expected = total(bound.arguments) if total is not None else None
+            A = as_linear_operator(op)
+            with products_with_progress(A, enable=True, total=expected, desc=desc) as counted:
+                return routine(counted, *args, **kwargs)
+
+        return with_progress
+
+    return decorate

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from hessian_lab.linalg.lanczos import batched_lanczos, default_breakdown_tol, tridiagonal_eigh
-from hessian_lab.linalg.linear_operator import as_linear_operator
+from hessian_lab.linalg.linear_operator import as_linear_operator, reports_progress
 from hessian_lab.linalg.probes import make_generator, rademacher
 
 __all__ = ["SpectralDensity", "spectral_density"]
@@ -182,6 +182,7 @@ class SpectralDensity:
         return per.mean().item(), se
 
 
+@reports_progress("spectral density", total=lambda a: a["num_probes"] * a["num_steps"])
 def spectral_density(
     op: object,
     num_probes: int = 10,
@@ -209,6 +210,7 @@ def spectral_density(
         probe_batch_size: Probes run in lockstep, sharing one ``matmat`` per step (much cheaper
             than one product per probe with our vmapped operators). Memory: ``probe_batch_size ×
             num_steps × n`` for the bases. Default: as many as fit in about 256 MB.
+        progress: Show a progress bar counting the products (default ``False``).
 
     Returns:
         A :class:`SpectralDensity`; call ``.density(grid, sigma)`` with ``sigma`` a **standard

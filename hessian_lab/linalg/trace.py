@@ -22,7 +22,11 @@ from typing import NamedTuple
 
 import torch
 
-from hessian_lab.linalg.linear_operator import TorchLinearOperator, as_linear_operator
+from hessian_lab.linalg.linear_operator import (
+    TorchLinearOperator,
+    as_linear_operator,
+    reports_progress,
+)
 from hessian_lab.linalg.probes import make_generator, rademacher
 
 __all__ = [
@@ -65,6 +69,7 @@ def _probe_blocks(A: TorchLinearOperator, num_probes: int, batch_size: int, seed
         done += b
 
 
+@reports_progress("Hutchinson trace", total=lambda a: a["num_probes"])
 def hutchinson_trace(
     op: object, num_probes: int = 100, seed: int | None = 0, *, batch_size: int = 16
 ) -> TraceEstimate:
@@ -75,6 +80,7 @@ def hutchinson_trace(
         num_probes: Number of probes ``p`` (= products).
         seed: Seed of a :class:`torch.Generator` on the operator's device.
         batch_size: Probes per ``matmat`` call (memory vs. speed).
+        progress: Show a progress bar counting the products (default ``False``).
 
     Returns:
         :class:`TraceEstimate` with the mean of :math:`z_i^\top A z_i` and its standard error.
@@ -94,6 +100,7 @@ def hutchinson_trace(
     return TraceEstimate(samples.mean().item(), _standard_error(samples), samples, num_probes)
 
 
+@reports_progress("Hutchinson squared Frobenius norm", total=lambda a: a["num_probes"])
 def hutchinson_squared_frobenius_norm(
     op: object, num_probes: int = 100, seed: int | None = 0, *, batch_size: int = 16
 ) -> TraceEstimate:
@@ -104,6 +111,7 @@ def hutchinson_squared_frobenius_norm(
         num_probes: Number of probes (= products).
         seed: Seed of a :class:`torch.Generator` on the operator's device.
         batch_size: Probes per ``matmat`` call.
+        progress: Show a progress bar counting the products (default ``False``).
     """
     A = as_linear_operator(op)
     vals = [
@@ -114,6 +122,7 @@ def hutchinson_squared_frobenius_norm(
     return TraceEstimate(samples.mean().item(), _standard_error(samples), samples, num_probes)
 
 
+@reports_progress("Hutch++ trace", total=lambda a: a["num_matvecs"])
 def hutchpp_trace(
     op: object, num_matvecs: int = 102, seed: int | None = 0, *, batch_size: int = 16
 ) -> TraceEstimate:
@@ -129,6 +138,7 @@ def hutchpp_trace(
         num_matvecs: Total products ``m`` (at least 3).
         seed: Seed of a :class:`torch.Generator` on the operator's device.
         batch_size: Probes per ``matmat`` call in the Hutchinson part.
+        progress: Show a progress bar counting the products (default ``False``).
 
     Returns:
         :class:`TraceEstimate`; ``standard_error`` is that of the Hutchinson part given ``Q`` (the
