@@ -140,6 +140,27 @@ def test_train_mode_layers_raise_and_suggest_eval(cls, layer, word):
     cls(model.eval(), nn.CrossEntropyLoss(), _data())
 
 
+class _SelfAttention(nn.Module):
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, dropout=dropout, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(dim=1))
+
+
+def test_attention_dropout_in_train_mode_raises():
+    # nn.MultiheadAttention's dropout is a float, not a Dropout module: it must be seen too.
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    model = _SelfAttention(dropout=0.1).double().train()
+    with _raises(ValueError, "model.eval()", "train mode", "MultiheadAttention", "dropout"):
+        GGNOperator(model, nn.CrossEntropyLoss(), (x, y))
+    GGNOperator(model.eval(), nn.CrossEntropyLoss(), (x, y))
+    GGNOperator(_SelfAttention(dropout=0.0).double().train(), nn.CrossEntropyLoss(), (x, y))
+
+
 def test_train_mode_without_coupling_or_randomness_is_accepted():
     model = _net(nn.Dropout(0.0)).train()  # p = 0: deterministic
     op = GGNOperator(model, nn.CrossEntropyLoss(), _data())

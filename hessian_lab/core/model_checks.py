@@ -33,7 +33,9 @@ def check_model_mode(model: nn.Module, allow_train_mode: bool = False) -> None:
                 "batch statistics, which couples examples. Call model.eval() first, or pass "
                 "allow_train_mode=True if you want the train-mode function."
             )
-        if isinstance(module, _RANDOM) and module.p > 0:
+        # nn.MultiheadAttention applies dropout to its attention weights without a Dropout module.
+        attention_dropout = isinstance(module, nn.MultiheadAttention) and module.dropout > 0
+        if (isinstance(module, _RANDOM) and module.p > 0) or attention_dropout:
             raise ValueError(
                 f"Layer {name!r} ({type(module).__name__}) is in train mode: dropout makes the "
                 "loss random, so curvature products are not reproducible. Call model.eval() "
