@@ -52,9 +52,12 @@ def test_several_rhs_with_damping_are_independent():
     assert X.shape == (N, 3) and info.converged.all()
     for j in range(3):
         assert rel_err(X[:, j], ref[:, j]) < 1e-8
-        # Same as solving column j alone: columns do not interact.
+        # Same as solving column j alone: columns do not interact. The iteration counts may differ
+        # by rounding (a [N, 3] product rounds unlike an [N, 1] one; the residual before the last
+        # iteration is only 1.3x the threshold for column 2): ±1 in 4% of runs with products
+        # perturbed by 1e-16 relative, never more than ±1 at 1e-14 (issue 9).
         xj, info_j = cg(SPD, RHS[:, j], damping=lam, tol=1e-12)
-        assert info_j.iterations == int(info.iterations[j])
+        assert abs(info_j.iterations - int(info.iterations[j])) <= 2
         assert rel_err(X[:, j], xj) < 1e-10
     assert info.residual_norms.shape == (int(info.iterations.max()) + 1, 3)
 

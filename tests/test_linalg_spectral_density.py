@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 from scipy.stats import wasserstein_distance
 
@@ -150,8 +151,12 @@ def test_negative_mass_and_log_density():
 def test_breakdown_gives_exact_quadrature():
     # Four distinct eigenvalues: every probe's Lanczos process breaks down after 4 steps and its
     # quadrature is exact: nodes = the eigenvalues, weights = squared projections of the probe.
-    lam = torch.tensor([-2.0, 0.5, 1.0, 3.0], dtype=F64).repeat(25)
-    B = known_spectrum(lam, seed=4)
+    # B = H diag(λ) Hᵀ with a Hadamard H / 8, orthogonal and formed without rounding: β_4 is then
+    # ~2e-15, far below the breakdown tolerance 100 ε‖B‖ (~5e-14). A Haar Q left β_4 at 2–4e-14
+    # from the rounding of Q Λ Qᵀ, so the breakdown hinged on the CPU's rounding (issue 9).
+    lam = torch.tensor([-2.0, 0.5, 1.0, 3.0], dtype=F64).repeat(16)
+    H = torch.tensor(scipy.linalg.hadamard(64), dtype=F64) / 8
+    B = (H * lam) @ H.T
     sd = spectral_density(B, num_probes=4, num_steps=20, seed=0)
     assert sd.nodes.shape == (4, 20)
     assert (sd.weights[:, 4:] == 0).all()
