@@ -9,7 +9,11 @@ from torch import nn
 
 from hessian_lab.core import Batch, BatchFn, OutputFn
 from hessian_lab.operators.ggn import JacobianCurvatureOperator
-from hessian_lab.output_curvature import OutputCurvature, gradient_outer_product
+from hessian_lab.output_curvature import (
+    OutputCurvature,
+    gradient_outer_product,
+    output_curvature,
+)
 
 MODES = ("per_sample", "batch")
 
@@ -73,6 +77,8 @@ class EmpiricalFisherOperator(JacobianCurvatureOperator):
         )
 
     def _output_matrix(self, outputs: torch.Tensor, targets: torch.Tensor) -> OutputCurvature:
+        if self.mode == "batch":  # G Gᵀ needs only the gradient, whatever the reduction
+            return output_curvature(self.loss_reduction, outputs, targets)
         return gradient_outer_product(self.loss_reduction)
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,7 @@ from hessian_lab.core import (
     check_model_mode,
     forward,
     functional_model,
+    move_inputs,
     params_to_vector,
     select_parameters,
     slice_examples,
@@ -236,6 +237,13 @@ class StepSizeEstimator:
             return chosen
         return self._curvature_type(self.loss_reduction)
 
+    def to_device(
+        self, inputs: ModelInputs, targets: torch.Tensor
+    ) -> tuple[ModelInputs, torch.Tensor]:
+        """The batch on the parameters' device (no copy where it is there already)."""
+        device = next(iter(self.params.values())).device
+        return move_inputs(inputs, device), targets.to(device)
+
     def _forward(self, inputs: ModelInputs) -> torch.Tensor:
         return forward(self.module, inputs, self.output_fn)
 
@@ -246,6 +254,7 @@ class StepSizeEstimator:
         so Λ's factors come for free. For ``"hessian"`` on the whole batch the graph of G is
         kept (``create_graph=True``) for the Hessian-vector product.
         """
+        inputs, targets = self.to_device(inputs, targets)
         n = batch_examples(targets)
         m = curvature_examples(n, self.curvature_fraction)
         leaves = list(self.params.values())
