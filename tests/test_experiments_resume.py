@@ -45,12 +45,12 @@ ARGS = [
 # The killed process sleeps in every step so that the kill lands mid-epoch reliably.
 SLOW_TRAIN = """
 import sys, time
-import hessian_lab.experiments.training as training
-step = training._train_step
-def slow_step(*args, **kwargs):
+import hessian_lab.experiments.loop as loop
+record = loop.step_record
+def slow_record(*args, **kwargs):
     time.sleep(0.05)
-    return step(*args, **kwargs)
-training._train_step = slow_step
+    return record(*args, **kwargs)
+loop.step_record = slow_record
 from hessian_lab.experiments.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -7,142 +7,100 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hessian_lab.experiments.config import CURVATURES, OPTIMIZER_NAMES, TrainConfig
-from hessian_lab.experiments.datasets import DATASET_NAMES
-from hessian_lab.experiments.models import ACTIVATIONS, MODEL_NAMES
+from hessian_lab.experiments.config import TrainConfig
+from hessian_lab.experiments.models import model_option_specs
+from hessian_lab.experiments.optimizers import parse_option_value
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "config_from_args", "main", "version_text"]
 
-_DEFAULTS = TrainConfig()
+#: Options of ``train`` that are not configuration fields.
+_RUN_OPTIONS = {"command", "config", "resume", "overwrite", "no_progress", "threads", "func"}
 
 
-def _d(field: str) -> str:
-    return f" (default: {getattr(_DEFAULTS, field)!r})"
+def version_text() -> str:
+    """``hessian-lab 0.1.0 (torch 2.13.0, Python 3.11.9)``."""
+    from importlib import metadata
+
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    own = version("hessian-lab")
+    if own == "not installed":  # running from a source tree without installing
+        from hessian_lab import __version__ as own
+    return f"hessian-lab {own} (torch {version('torch')}, Python {sys.version.split()[0]})"
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def _default_text(value: Any) -> str:
+    if value is None or value is False or value == "" or value == {}:
+        return ""
+    if isinstance(value, tuple):
+        value = " ".join(map(str, value))
+    return f" (default: {value})"
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """One option per :class:`TrainConfig` field and per built-in model option.
+
+    Derived from the fields' types and ``metadata`` (and the models' constructors), so that the
+    command line cannot drift from the configuration.
+    """
     # SUPPRESS: only options given on the command line override --config / the defaults.
     S = argparse.SUPPRESS
-    g = p.add_argument_group("model")
-    g.add_argument("--model", choices=MODEL_NAMES, default=S, help="model family" + _d("model"))
-    g.add_argument(
-        "--activation", choices=sorted(ACTIVATIONS), default=S, help="activation" + _d("activation")
-    )
-    g.add_argument(
-        "--width",
-        type=int,
-        default=S,
-        help="hidden units (mlp), channels (cnn/rescnn) or embedding size (vit)" + _d("width"),
-    )
-    g.add_argument(
-        "--depth",
-        type=int,
-        default=S,
-        help="hidden layers (mlp), conv blocks (cnn/rescnn) or transformer blocks (vit)"
-        + _d("depth"),
-    )
-    g.add_argument("--patch-size", type=int, default=S, help="vit: patch side (default: 4)")
-    g.add_argument("--heads", type=int, default=S, help="vit: attention heads (default: 4)")
-    g.add_argument(
-        "--mlp-ratio", type=int, default=S, help="vit: MLP hidden size / width (default: 2)"
-    )
-    g.add_argument(
-        "--last-layer-std",
-        type=float,
-        default=S,
-        help="std of the zero-mean classifier weights (default: 1/sqrt(fan_in))",
-    )
-
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASET_NAMES, default=S, help="data set" + _d("dataset"))
-    g.add_argument(
-        "--data-dir",
-        default=S,
-        help="folder with the unpacked CIFAR python-pickle files (cifar-10-batches-py/ or "
-        "cifar-100-python/); required for cifar10/cifar100",
-    )
-    g.add_argument(
-        "--download",
-        action="store_true",
-        default=S,
-        help="download CIFAR into --data-dir if files are missing (off: nothing is downloaded)",
-    )
-    g.add_argument(
-        "--split-seed",
-        type=int,
-        default=S,
-        help="seed of the digits train/test split and of the synthetic data" + _d("split_seed"),
-    )
-    g.add_argument(
-        "--max-train", type=int, default=S, help="use only the first N training examples"
-    )
-    g.add_argument("--max-test", type=int, default=S, help="use only the first N test examples")
-
-    g = p.add_argument_group("optimization")
-    g.add_argument(
-        "--optimizer",
-        choices=OPTIMIZER_NAMES,
-        default=S,
-        help="adler: step size from the paper's Q (GGN), log-averaged; gn: from the empirical "
-        "Fisher, arithmetic average; sgd: fixed --lr, no momentum" + _d("optimizer"),
-    )
-    g.add_argument("--lr", type=float, default=S, help="SGD learning rate (required for sgd)")
-    g.add_argument("--beta", type=float, default=S, help="ADLER averaging factor β" + _d("beta"))
-    g.add_argument(
-        "--eps", type=float, default=S, help="ADLER regularization ε (Q + εI)" + _d("eps")
-    )
-    g.add_argument(
-        "--curvature",
-        choices=CURVATURES,
-        default=S,
-        help="override ADLER's curvature matrix (default: ggn for adler, ef for gn)",
-    )
-    g.add_argument(
-        "--adler-option",
-        action="append",
-        metavar="KEY=VALUE",
-        default=S,
-        help="extra ADLER argument, repeatable: trust_region=1.0, max_lr=0.5, "
-        "curvature_fraction=0.25, max_consecutive_skips=10, averaging=log (default: none, "
-        "the paper's algorithm)",
-    )
-    g.add_argument("--epochs", type=int, default=S, help="passes over the data" + _d("epochs"))
-    g.add_argument("--batch-size", type=int, default=S, help="minibatch size" + _d("batch_size"))
-    g.add_argument(
-        "--eval-batch-size",
-        type=int,
-        default=S,
-        help="batch size of the per-epoch evaluation (memory only)" + _d("eval_batch_size"),
-    )
-    g.add_argument(
-        "--seed", type=int, default=S, help="seed of initialization and data order" + _d("seed")
-    )
-    g.add_argument(
-        "--device",
-        default=S,
-        help="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ..." + _d("device"),
-    )
-
-    g = p.add_argument_group("run")
+    hints = typing.get_type_hints(TrainConfig)
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainConfig):
+        group = f.metadata["group"]
+        if group not in groups:
+            groups[group] = p.add_argument_group(group)
+        hint = hints[f.name]
+        origin = typing.get_origin(hint)
+        args = [t for t in typing.get_args(hint) if t is not type(None)]
+        base = args[0] if origin in (typing.Union, types.UnionType) and len(args) == 1 else hint
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kw: dict[str, Any] = {"default": S, "dest": f.name}
+        help_text = f.metadata["help"] + _default_text(default)
+        if base is bool:
+            kw["action"] = "store_true"
+        elif base is dict or typing.get_origin(base) is dict:
+            kw.update(action="append", metavar="KEY=VALUE")
+        elif typing.get_origin(base) is tuple:
+            kw.update(nargs=len(typing.get_args(base)), type=int, metavar=("C", "H", "W"))
+        else:
+            kw["type"] = base
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+        groups[group].add_argument(_flag(f), help=help_text, **kw)
+    model_group = groups["model"]
+    for spec in model_option_specs().values():
+        model_group.add_argument(
+            "--" + spec.name.replace("_", "-"),
+            type=spec.type,
+            default=S,
+            dest=spec.name,
+            help=f"{'/'.join(spec.models)}: {spec.help}"
+            + (f" (default: {spec.default})" if spec.default is not None else ""),
+        )
+    g = groups["run"]
     g.add_argument(
         "--config",
         type=Path,
         help="start from this configuration (a run's config.json); other options override it",
-    )
-    g.add_argument(
-        "--name",
-        default=S,
-        help="run name (default: derived, e.g. cnn-relu-w32-d2-digits-adler-s0)",
-    )
-    g.add_argument("--out-dir", default=S, help="run folder (default: runs/<name>)")
-    g.add_argument(
-        "--log-every", type=int, default=S, help="write every k-th step record" + _d("log_every")
     )
     g.add_argument(
         "--resume",
@@ -164,39 +122,50 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-_MODEL_OPTION_FLAGS = ("patch_size", "heads", "mlp_ratio", "last_layer_std")
-_NOT_CONFIG = {"command", "config", "resume", "overwrite", "no_progress", "threads", "func"}
-
-
-def _parse_key_values(items: list[str]) -> dict[str, Any]:
+def _parse_key_values(items: list[str], flag: str) -> dict[str, Any]:
     """Parse ``["trust_region=1.0", "averaging=log"]``; values are JSON where they parse."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--adler-option expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(text)  # numbers, true/false, null
-        except json.JSONDecodeError:
-            out[key] = text
+            raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = parse_option_value(text)
     return out
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Merge ``--config`` (if any) with the options given on the command line."""
+    """Merge ``--config`` (if any) with the options given on the command line.
+
+    Settings read from ``--config`` that do not apply to an optimizer, model or data set chosen
+    on the command line are dropped (e.g. the lr of a saved SGD run with ``--optimizer adler``);
+    options *given* on the command line that do not apply are refused.
+
+    Raises:
+        ValueError: Malformed ``KEY=VALUE``, or a given option that does not apply.
+        FileNotFoundError: ``--config`` does not exist.
+    """
     values: dict[str, Any] = {}
     if args.config is not None:
         if not args.config.is_file():
             raise FileNotFoundError(f"--config {args.config} does not exist")
         values = TrainConfig.load(args.config).to_dict()
-    given = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
-    changed = set(given) - {"device", "name", "out_dir"}
-    if "adler_option" in given:
-        adler = dict(values.get("adler_options", {}))
-        adler.update(_parse_key_values(given.pop("adler_option")))
-        given["adler_options"] = adler
-    options = dict(values.get("model_options", {}))
-    options.update({k: given.pop(k) for k in _MODEL_OPTION_FLAGS if k in given})
+    option_names = set(model_option_specs())
+    given = {k: v for k, v in vars(args).items() if k not in _RUN_OPTIONS}
+    given_fields = {k for k in given if k not in option_names}
+    changed = set(given) - {"device", "name", "out_dir", "log_every", "tensorboard"}
+    flags = {f.name: _flag(f) for f in dataclasses.fields(TrainConfig)}
+    if args.config is not None and "model" in given and given["model"] != values.get("model"):
+        # Another model: the saved model's settings and options are not this one's.
+        for key in ("activation", "width", "depth"):
+            values[key] = None
+        values["model_options"] = {}
+    for key in ("model_options", "adler_options", "dataset_options"):
+        if key in given:
+            merged = dict(values.get(key, {}))
+            merged.update(_parse_key_values(given.pop(key), flags[key]))
+            given[key] = merged
+    options = dict(given.pop("model_options", values.get("model_options", {})))
+    options.update({k: given.pop(k) for k in option_names if k in given})
     if args.config is not None and changed:
         # A changed configuration is a different run: let it name itself anew.
         if "name" not in given:
@@ -207,7 +176,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values["out_dir"] = ""  # a new name means a new folder, runs/<name>
     values.update(given)
     values["model_options"] = options
-    return TrainConfig.from_dict(values)
+    if "synthetic_shape" in values:
+        values["synthetic_shape"] = tuple(values["synthetic_shape"])
+    config = TrainConfig.from_dict(values)
+    defaults = TrainConfig.defaults()
+    for key, reason in config.inapplicable().items():
+        if key in given_fields:
+            raise ValueError(f"{flags[key]} does not apply here: {reason}")
+        if args.config is not None:  # from the saved file, for another choice: drop it
+            value = defaults[key]
+            setattr(config, key, tuple(value) if key == "synthetic_shape" else value)
+    return config
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -247,6 +226,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     spec = load_sweep(args.file)
     if args.out_dir is not None:
         spec.out_dir = str(args.out_dir)
+    if args.executor is not None:
+        spec.executor = args.executor
+    spec.slurm.update(_parse_key_values(args.slurm or [], "--slurm"))
     configs = expand_grid(spec)
     workers = spec.workers if args.workers is None else args.workers
     if args.dry_run:
@@ -254,7 +236,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             print(config.out_dir)
         print(f"{len(configs)} runs")
         return 0
-    print(f"sweep {spec.name}: {len(configs)} runs, {workers} workers -> {spec.out_dir}")
+    how = f"{workers} workers" if spec.executor == "pool" else f"executor {spec.executor}"
+    print(f"sweep {spec.name}: {len(configs)} runs, {how} -> {spec.out_dir}")
     done = [0]
 
     def report(config: TrainConfig, outcome: dict[str, Any]) -> None:
@@ -293,12 +276,22 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
         print(shown.head(args.max_rows).to_string(index=False, float_format="%.4f"))
         if len(shown) > args.max_rows:
             print(f"... {len(shown) - args.max_rows} more runs (--max-rows, --out)")
-        table = paper_table(runs, metric=args.metric, rows=tuple(args.rows))
+        table = paper_table(runs, metric=args.metric, rows=tuple(args.rows), over=tuple(args.over))
         if not table.empty:
+            split = table.attrs.get("split", [])
+            index = [*args.rows, *split]
             wide = table.pivot_table(
-                index=list(args.rows), columns="optimizer", values="text", aggfunc="first"
+                index=index, columns="optimizer", values="text", aggfunc="first", dropna=False
+            ).dropna(how="all")
+            print(
+                f"\nfinal {args.metric}, mean ± std over {', '.join(args.over)} "
+                "(SGD: best lr of each configuration):"
             )
-            print(f"\nfinal {args.metric}, mean ± std over variations (SGD: best lr each):")
+            if split:
+                print(
+                    f"(the runs differ in {', '.join(split)}: separate rows, never averaged "
+                    "together; --over adds fields to average over)"
+                )
             print(wide.to_string())
     if args.out is not None:
         runs.to_csv(args.out, index=False)
@@ -312,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hessian-lab",
         description="Experiments of the ADLER paper: train, sweep, summarize.",
     )
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(
@@ -327,11 +321,30 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep",
         help="run a grid of trainings from a TOML file, in parallel, resumable",
         description="Run every grid point of a sweep TOML file (see docs/experiments.md) in "
-        "worker processes. Re-running skips finished runs and resumes interrupted ones.",
+        "worker processes or as SLURM jobs. Re-running skips finished runs and resumes "
+        "interrupted ones.",
     )
     p.add_argument("file", type=Path, help="sweep TOML file")
     p.add_argument(
-        "--workers", type=int, help="parallel worker processes; 0 runs in-process (default: file)"
+        "--workers",
+        type=int,
+        help="runs at once: worker processes (pool; 0 runs in-process), jobs (submitit-local) "
+        "or the SLURM job array's parallelism (default: from the file)",
+    )
+    p.add_argument(
+        "--executor",
+        choices=("pool", "slurm", "submitit-local"),
+        help="pool: worker processes on this machine (the default); slurm: one SLURM job per "
+        "run through submitit (pip install 'hessian-lab[cluster]'); submitit-local: the same "
+        "submitit path as local processes (default: from the file, else pool)",
+    )
+    p.add_argument(
+        "--slurm",
+        action="append",
+        metavar="KEY=VALUE",
+        help="submitit parameter, repeatable, added to the file's [slurm] table: "
+        "timeout_min=240, slurm_partition=gpu, gpus_per_node=1, cpus_per_task=8, mem_gb=32, "
+        "slurm_account=..., slurm_array_parallelism=16",
     )
     p.add_argument("--out-dir", type=Path, help="sweep folder (default: from the file)")
     p.add_argument("--dry-run", action="store_true", help="list the run folders and stop")
@@ -356,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=["dataset", "model", "activation"],
         help="configuration fields indexing the summary rows (default: dataset model activation)",
     )
+    p.add_argument(
+        "--over",
+        nargs="+",
+        default=["seed"],
+        help="configuration fields the mean ± std is taken over (default: seed; the paper's "
+        "Table 1: width depth seed). Runs differing in any other setting get their own rows",
+    )
     p.add_argument("--out", type=Path, help="also write the per-run table to this CSV file")
     p.add_argument(
         "--max-rows", type=int, default=50, help="runs listed before the summary (default: 50)"
@@ -370,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``hessian-lab`` with no command runs ``train`` with its defaults.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["train", *argv]
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -22,8 +22,12 @@ JVP per step (``DESIGN.md`` §6).
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
+import typing
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -34,9 +38,11 @@ __all__ = [
     "MLP",
     "MODEL_NAMES",
     "MODEL_OPTIONS",
+    "ModelOption",
     "ViT",
     "build_model",
     "make_activation",
+    "model_option_specs",
 ]
 
 #: Activation name -> module class.
@@ -415,3 +421,68 @@ def build_model(
         **fixed,
         **options,
     )
+
+
+@dataclass(frozen=True)
+class ModelOption:
+    """A model-specific option of the built-in models, read from the constructors.
+
+    Attributes:
+        name: Keyword argument of the constructor, e.g. ``"patch_size"``.
+        type: ``int`` or ``float`` (what a command-line value is converted to).
+        default: The constructor's default (``None``: computed by the model).
+        help: The constructor's docstring entry for it.
+        models: The model names that take it.
+    """
+
+    name: str
+    type: type
+    default: object
+    help: str
+    models: tuple[str, ...]
+
+
+def _docstring_args(obj: object) -> dict[str, str]:
+    """``{name: text}`` of the ``Args:`` section of a Google-style docstring."""
+    doc = inspect.getdoc(obj) or ""
+    section = doc.split("Args:", 1)[1] if "Args:" in doc else ""
+    entries: dict[str, str] = {}
+    name = None
+    for line in section.splitlines():
+        if line and not line.startswith(" "):
+            break  # the next section ("Returns:", ...) or the end of Args
+        match = re.match(r"^    (\w+)(?: \(.*?\))?: (.*)$", line)
+        if match:
+            name = match.group(1)
+            entries[name] = match.group(2).strip()
+        elif name is not None and line.strip():
+            entries[name] += " " + line.strip()
+    return entries
+
+
+def model_option_specs() -> dict[str, ModelOption]:
+    """Every model-specific option of the built-in models, with type, default and help.
+
+    Derived from the constructors' signatures and docstrings (the single place they are
+    written), so the command line and the sweep files cannot drift from the models.
+    """
+    specs: dict[str, ModelOption] = {}
+    for model, (cls, _fixed, options) in _REGISTRY.items():
+        hints = typing.get_type_hints(cls.__init__)
+        signature = inspect.signature(cls.__init__)
+        docs = _docstring_args(cls)
+        for option in options:
+            hint = hints[option]
+            kinds = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+            value_type = float if float in kinds else int
+            if option in specs:
+                old = specs[option]
+                specs[option] = ModelOption(
+                    option, old.type, old.default, old.help, (*old.models, model)
+                )
+            else:
+                default = signature.parameters[option].default
+                specs[option] = ModelOption(
+                    option, value_type, default, docs.get(option, ""), (model,)
+                )
+    return specs

@@ -3,7 +3,8 @@
 Table 1 of the paper reports, per model and activation, the final CIFAR-100 test accuracy as
 mean ± std over the variations (widths, depths, seeds) for three optimizers: SGD with the best of
 its ten learning rates, ADLER and GN. :func:`paper_table` reproduces that from run folders: for
-SGD it first keeps, for every variation, the learning rate with the best final metric.
+SGD it first keeps, for every configuration, the learning rate with the best final metric; the
+rules are those of :mod:`hessian_lab.experiments.protocol`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ from typing import Any
 import pandas as pd
 
 from hessian_lab.experiments.config import TrainConfig
+from hessian_lab.experiments.protocol import (
+    REPLICATE_FIELDS,
+    RESULT_FIELDS,
+    best_sgd_runs,
+    setting_columns,
+)
+from hessian_lab.experiments.run_folder import RESULT_NAME
 from hessian_lab.experiments.run_log import read_jsonl
-from hessian_lab.experiments.training import RESULT_NAME
 
 __all__ = ["collect_runs", "paper_table"]
 
@@ -78,55 +85,73 @@ def collect_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
     return frame
 
 
-#: Configuration fields that are not part of a "variation" (naming, bookkeeping).
-_NOT_VARIATION = {"name", "out_dir", "device", "eval_batch_size", "log_every", "download"}
-
-
 def paper_table(
     runs: pd.DataFrame,
     metric: str = "test_acc",
     rows: tuple[str, ...] = ("dataset", "model", "activation"),
+    over: tuple[str, ...] = REPLICATE_FIELDS,
 ) -> pd.DataFrame:
     """Mean ± std of the final ``metric`` per ``rows`` × optimizer, as in the paper's Table 1.
 
     Only finished runs count. SGD runs are first reduced to the best learning rate of each
-    variation (same configuration except ``lr``): the "best result of a grid search over ten SGD
-    learning rates". For loss metrics "best" means lowest, otherwise highest.
+    configuration (:func:`hessian_lab.experiments.protocol.best_sgd_runs`): the "best result of a
+    grid search over ten SGD learning rates". Then the mean and std are taken over the fields
+    ``over`` (default: the seed) and nothing else: runs that differ in any other setting (epochs,
+    ``max_train``, width, ...) are never averaged together. Such settings become extra row
+    columns, listed in ``table.attrs["split"]``.
 
     Args:
         runs: Output of :func:`collect_runs`.
         metric: A column of ``runs`` (``test_acc``, ``train_loss``, ``best_test_acc``, ...).
         rows: Columns that index the table's rows.
+        over: Configuration fields averaged over (the paper: widths, depths and seeds, i.e.
+            ``("width", "depth", "seed")``).
 
     Returns:
-        One row per ``rows`` value and optimizer with ``mean``, ``std`` (sample std, NaN for a
-        single run), ``n`` and ``text`` ("0.268 ± 0.007").
+        One row per ``rows`` value (and split setting) and optimizer with ``mean``, ``std``
+        (sample std, NaN for a single run), ``n`` and ``text`` ("0.268 ± 0.007").
     """
     if runs.empty:
         return pd.DataFrame(columns=[*rows, "optimizer", "mean", "std", "n", "text"])
     if metric not in runs.columns:
         raise ValueError(f"unknown metric {metric!r}; available: {', '.join(runs.columns)}")
+    unknown = sorted(set(over) - set(RESULT_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"cannot average over {', '.join(unknown)}: not a setting that changes results; "
+            f"choose among {', '.join(RESULT_FIELDS)}"
+        )
     done = runs[runs["status"] == "finished"].copy()
     done[metric] = done[metric].astype(float)
-    variation = [
+    table = pd.concat(
+        [done[done["optimizer"] != "sgd"], best_sgd_runs(done, metric)], ignore_index=True
+    )
+    if table.empty:
+        return pd.DataFrame(columns=[*rows, "optimizer", "mean", "std", "n", "text"])
+    # SGD's lr was optimized over: it is no longer a setting of the cell.
+    table.loc[table["optimizer"] == "sgd", "lr"] = None
+    settings = [c for c in setting_columns(table.columns, over) if c not in (*rows, "optimizer")]
+    # A setting splits the rows only where it varies within one row (model_options, say, is
+    # constant per model and need not be shown).
+    cells = table[[*rows, "optimizer"]].map(_cell)
+    split = [
         c
-        for c in TrainConfig().to_dict()
-        if c not in _NOT_VARIATION and c != "lr" and c in done.columns
+        for c in settings
+        if table[c].map(_cell).groupby([cells[k] for k in cells]).nunique().max() > 1
     ]
-    lower_is_better = "loss" in metric
-    sgd = done[done["optimizer"] == "sgd"]
-    if not sgd.empty:
-        # Diverged runs have NaN metrics: they never win (idxmax/idxmin skip NaN).
-        pick = (lambda s: s.idxmin()) if lower_is_better else (lambda s: s.idxmax())
-        picks = sgd.groupby(variation, dropna=False)[metric].apply(
-            lambda s: pick(s) if s.notna().any() else s.index[0]
-        )
-        sgd = sgd.loc[picks.values]
-    table = pd.concat([done[done["optimizer"] != "sgd"], sgd])
-    grouped = table.groupby([*rows, "optimizer"], dropna=False)[metric]
+    keys = [*rows, *split]
+    grouped = table.groupby([*keys, "optimizer"], dropna=False)[metric]
     out = grouped.agg(["mean", "std", "count"]).rename(columns={"count": "n"}).reset_index()
     out["text"] = [
         f"{m:.3f} ± {s:.3f}" if pd.notna(s) else f"{m:.3f}"
         for m, s in zip(out["mean"], out["std"], strict=True)
     ]
+    out.attrs["split"] = split
     return out
+
+
+def _cell(value: Any) -> str:
+    """A comparable text for a table cell: missing values (None, NaN) are one value."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "<unset>"
+    return str(value)
