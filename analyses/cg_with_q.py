@@ -69,12 +69,31 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
-from _adler_snapshots import Setup, adler_run, make_setup  # noqa: E402
-from compare_spectra import OPERATOR_LABELS, PALETTE, make_operators  # noqa: E402
 from torch import nn  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
 from hessian_lab import GGNOperator, cg  # noqa: E402
+from hessian_lab.core import progress_bar  # noqa: E402
+from hessian_lab.experiments.config import TrainConfig  # noqa: E402
+from hessian_lab.experiments.curvature_study import (  # noqa: E402
+    OPERATOR_COLORS,
+    OPERATOR_LABELS,
+    make_operators,
+)
+from hessian_lab.experiments.loop import (  # noqa: E402
+    AtSteps,
+    LoopState,
+    ProgressCallback,
+    RecordSteps,
+    WorkBar,
+    run_loop,
+)
+from hessian_lab.experiments.training import RunSetup, setup_run  # noqa: E402
+
+PALETTE = OPERATOR_COLORS
+
+#: One CG study point (3 operators x the dampings) in ADLER steps before it is measured (the
+#: defaults on a 2-core CPU: about 400); the bar then uses the measured ratio.
+CG_STUDY_STEPS_GUESS = 400.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -197,66 +216,103 @@ def solve_study(
     return iters, solves
 
 
-def hessian_free_run(setup: Setup, args: argparse.Namespace) -> pd.DataFrame:
-    r"""Newton-CG with Q (Martens-style damping, see the module docstring); one row per step.
+def digits_cnn(args: argparse.Namespace) -> RunSetup:
+    """The study's setup: a ``cnn`` on digits with ADLER (the paper's defaults), in eval mode.
 
-    Same minibatch sequence as :func:`adler_run` with the same seed (a generator seeded with
-    ``seed + 1``, epochs without replacement).
+    Through :func:`hessian_lab.experiments.training.setup_run`, as ``hessian-lab train`` builds
+    it: the model drawn from ``torch.manual_seed(seed)``, in ``args.dtype``.
     """
-    model, loss_fn = setup.model, nn.CrossEntropyLoss()
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    n = len(setup.y)
-    perm, pos = torch.randperm(n, generator=gen), 0
-    lam, prev = args.damping, None
-    rows = [{"step": 0, "time_s": 0.0, **setup.evaluate()}]
-    elapsed = 0.0
-    bar = tqdm(range(1, args.steps + 1), desc="Hessian-free", unit="step", leave=False)
-    for k in bar:
-        if pos + args.batch_size > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos : pos + args.batch_size].to(setup.X.device)
-        pos += args.batch_size
-        batch = (setup.X[idx], setup.y[idx])
-        t0 = time.perf_counter()
-        Q = GGNOperator(model, loss_fn, batch)
+    config = TrainConfig(
+        model="cnn",
+        activation=args.activation,
+        width=args.width,
+        depth=args.depth,
+        dataset="digits",
+        optimizer="adler",
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+    )
+    setup = setup_run(config, dtype=getattr(torch, args.dtype))
+    setup.model.eval()
+    return setup
+
+
+class HessianFreeStep:
+    r"""One Newton-CG step with Q per minibatch (Martens-style damping, module docstring).
+
+    A stepper of :func:`hessian_lab.experiments.loop.run_loop`: ``step(inputs, targets)`` returns
+    the minibatch loss before the step, the damping λ used, ρ, whether the step was accepted, the
+    CG iterations and the step's norm.
+    """
+
+    def __init__(self, model: nn.Module, args: argparse.Namespace) -> None:
+        self.model, self.args = model, args
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.lam, self.prev = args.damping, None
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Solve, test, accept or reject, adjust the damping."""
+        args, lam, batch = self.args, self.lam, (inputs, targets)
+        Q = GGNOperator(self.model, self.loss_fn, batch)
         G = Q.gradient()
         loss0 = Q.loss().item()
+        prev = self.prev
         x0 = args.warm_start * prev if (prev is not None and args.warm_start > 0) else None
         x, info = cg(Q, -G, damping=lam, x0=x0, maxiter=args.cg_iters, stopping="martens")
         model_change = info.quadratic_model[-1].item() - 0.5 * lam * torch.dot(x, x).item()
-        loss1 = loss_after_step(model, Q, x, batch)
+        loss1 = loss_after_step(self.model, Q, x, batch)
         rho = (loss1 - loss0) / model_change if model_change < 0 else -math.inf
         accepted = loss1 < loss0 and math.isfinite(loss1)
         if accepted:
             with torch.no_grad():
-                params = dict(model.named_parameters())
+                params = dict(self.model.named_parameters())
                 for name, d in Q.vector_to_params(x).items():
                     params[name].add_(d)
-            prev = x
+            self.prev = x
         else:
-            prev = None
-        lam_used = lam
+            self.prev = None
         if not args.fixed_damping:
             if rho < 0.25:
-                lam = min(lam * 1.5, 1e4)
+                self.lam = min(lam * 1.5, 1e4)
             elif rho > 0.75:
-                lam = max(lam * 2 / 3, args.min_damping)
-        elapsed += time.perf_counter() - t0
-        row = {
-            "step": k,
+                self.lam = max(lam * 2 / 3, args.min_damping)
+        values = {
             "loss": loss0,
-            "time_s": elapsed,
-            "damping": lam_used,
+            "damping": lam,
             "rho": rho,
-            "accepted": accepted,
-            "cg_iterations": info.iterations,
+            "accepted": float(accepted),
+            "cg_iterations": float(info.iterations),
             "step_norm": torch.linalg.vector_norm(x).item() if accepted else 0.0,
         }
-        if k % args.eval_every == 0 or k == args.steps:
-            row.update(setup.evaluate())
-        rows.append(row)
-        bar.set_postfix(loss=f"{loss0:.3f}", damping=f"{lam:.2g}")
-    return pd.DataFrame(rows)
+        return {k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()}
+
+
+def hessian_free_run(setup: RunSetup, args: argparse.Namespace) -> pd.DataFrame:
+    r"""Newton-CG with Q from ``setup.model``'s current parameters; one row per step.
+
+    Same minibatch sequence as the ADLER run with the same seed (a generator seeded with
+    ``seed + 1``, epochs without replacement, an epoch's incomplete last batch skipped), through
+    the same loop.
+    """
+    record = RecordSteps(setup.evaluate, args.eval_every).expect(args.steps)
+    bar = progress_bar(total=args.steps, desc="Hessian-free", unit="step")
+    run_loop(
+        setup.model,
+        HessianFreeStep(setup.model, args),
+        setup.train_x,
+        setup.train_y,
+        batch_size=args.batch_size,
+        order=torch.Generator().manual_seed(args.seed + 1),
+        max_steps=args.steps,
+        drop_last=True,
+        callbacks=[record, ProgressCallback(bar)],
+    )
+    bar.close()
+    log = pd.DataFrame(record.rows)
+    log["accepted"] = log["accepted"].astype("boolean")
+    log["cg_iterations"] = log["cg_iterations"].astype("Int64")
+    return log
 
 
 def plot_convergence(iters: pd.DataFrame, solves: pd.DataFrame, path: Path) -> None:
@@ -329,10 +385,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    setup = make_setup(args.seed, args.activation, args.width, args.depth, dtype, args.device)
+    setup = digits_cnn(args)
     init_state = {k: v.clone() for k, v in setup.model.state_dict().items()}
-    data = (setup.X[: args.curvature_examples], setup.y[: args.curvature_examples])
+    data = (setup.train_x[: args.curvature_examples], setup.train_y[: args.curvature_examples])
     points = {0: "init", args.steps // 2: f"mid (step {args.steps // 2})"}
     points[args.steps] = f"end (step {args.steps})"
     print(
@@ -343,22 +398,31 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     iters, solves = [], []
+    # Phase 1: ADLER with the CG study at three points, one bar over both kinds of work (each
+    # study point weighted by its measured cost in ADLER steps). Phase 2: its own bar.
+    bar = progress_bar(total=args.adler_steps, desc="ADLER + CG study", unit="step")
+    work = WorkBar(bar, args.adler_steps, len(points), CG_STUDY_STEPS_GUESS)
 
-    def on_snapshot(step: int, opt: object, last: dict[str, float]) -> None:
-        it, so = solve_study(setup.model, data, points[step], args)
+    def on_snapshot(state: LoopState) -> None:
+        with work.task():
+            it, so = solve_study(setup.model, data, points[state.step], args)
         iters.extend(it)
         solves.extend(so)
 
-    adler = adler_run(
-        setup,
-        args.adler_steps,
-        args.batch_size,
-        args.seed,
-        points,
-        on_snapshot,
-        desc="ADLER + CG study",
-        eval_every=args.eval_every,
+    record = RecordSteps(setup.evaluate, args.eval_every).expect(args.adler_steps)
+    run_loop(
+        setup.model,
+        setup.optimizer,
+        setup.train_x,
+        setup.train_y,
+        batch_size=args.batch_size,
+        order=torch.Generator().manual_seed(args.seed + 1),
+        max_steps=args.adler_steps,
+        drop_last=True,
+        callbacks=[record, AtSteps(points, on_snapshot), work],
     )
+    bar.close()
+    adler = pd.DataFrame(record.rows)
     setup.model.load_state_dict(init_state)
     hf = hessian_free_run(setup, args)
     log = pd.concat(

@@ -40,19 +40,21 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
-from hessian_lab.experiments.datasets import load_digits  # noqa: E402
-from hessian_lab.experiments.models import build_model  # noqa: E402
-from hessian_lab.linalg import SpectralDensity, compare_operators  # noqa: E402
-from hessian_lab.operators import (  # noqa: E402
-    EmpiricalFisherOperator,
-    GGNOperator,
-    HessianOperator,
+from hessian_lab.core import progress_bar  # noqa: E402
+from hessian_lab.experiments.curvature_study import (  # noqa: E402
+    OPERATOR_COLORS,
+    OPERATOR_LABELS,
+    density_table,
+    make_operators,
 )
+from hessian_lab.experiments.datasets import load_digits  # noqa: E402
+from hessian_lab.experiments.loop import ProgressCallback, run_loop  # noqa: E402
+from hessian_lab.experiments.models import build_model  # noqa: E402
+from hessian_lab.experiments.optimizers import SGDStepper  # noqa: E402
+from hessian_lab.linalg import compare_operators  # noqa: E402
 
-OPERATOR_LABELS = {"H": "H (Hessian)", "Q": "Q (GGN)", "GN": "GN (emp. Fisher)"}
-PALETTE = {"H": "#d62728", "Q": "#1f77b4", "GN": "#2ca02c"}
+PALETTE = OPERATOR_COLORS
 
 
 def parse_args() -> argparse.Namespace:
@@ -84,69 +86,27 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def make_operators(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> dict:
-    loss = nn.CrossEntropyLoss()
-    return {
-        "H": HessianOperator(model, loss, data),
-        "Q": GGNOperator(model, loss, data),
-        "GN": EmpiricalFisherOperator(model, loss, data),
-    }
-
-
 def sgd(model: nn.Module, X: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> float:
-    """Plain SGD (no momentum, no weight decay) as the paper's baseline; returns the final loss."""
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr)
+    """Plain SGD (no momentum, no weight decay) as the paper's baseline; returns the final loss.
+
+    Minibatches are drawn uniformly with replacement from a generator seeded with ``seed + 1``.
+    """
     loss_fn = nn.CrossEntropyLoss()
-    bar = tqdm(range(args.sgd_steps), desc="SGD", unit="step", leave=False)
-    for _ in bar:
-        idx = torch.randint(0, X.shape[0], (args.batch_size,), generator=gen)
-        opt.zero_grad()
-        loss = loss_fn(model(X[idx]), y[idx])
-        loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar = progress_bar(total=args.sgd_steps, desc="SGD", unit="step", leave=False)
+    run_loop(
+        model,
+        SGDStepper(model, loss_fn, args.lr),
+        X,
+        y,
+        batch_size=args.batch_size,
+        order=torch.Generator().manual_seed(args.seed + 1),
+        max_steps=args.sgd_steps,
+        replacement=True,
+        callbacks=[ProgressCallback(bar)],
+    )
+    bar.close()
     with torch.no_grad():
         return loss_fn(model(X), y).item()
-
-
-def symlog(x: np.ndarray | torch.Tensor, c: float):
-    """The symmetric-log coordinate ``u = sign(λ) log10(1 + |λ| / c)`` (linear for ``|λ| ≪ c``)."""
-    lib = torch if isinstance(x, torch.Tensor) else np
-    return lib.sign(x) * lib.log10(1 + lib.abs(x) / c)
-
-
-def symlog_inverse(u: np.ndarray, c: float) -> np.ndarray:
-    """``λ`` from the symmetric-log coordinate ``u``."""
-    return np.sign(u) * c * (10 ** np.abs(u) - 1)
-
-
-def density_table(details: dict, phase: str, c: float, sigma_u: float, lim: float) -> pd.DataFrame:
-    """SLQ densities of the symlog coordinate ``u`` of the eigenvalues.
-
-    Each Ritz node θ is mapped to ``u(θ)`` and smoothed there with a Gaussian of standard deviation
-    ``sigma_u`` (in decades of ``1 + |λ|/c``): every decade of the spectrum gets the same
-    resolution, as in Papyan's (2020) log-scale densities, and the region ``|λ| < c`` around zero
-    stays linear. The density is per unit of ``u`` and integrates to 1 over ``u``.
-    """
-    u_lim = float(symlog(np.array(lim), c))
-    u = np.linspace(-u_lim, u_lim, 1500)
-    rows = []
-    for name, sd in details["density"].items():
-        in_u = SpectralDensity(symlog(sd.nodes, c), sd.weights, sd.n, sd.op_dtype)
-        rows.append(
-            pd.DataFrame(
-                {
-                    "phase": phase,
-                    "operator": name,
-                    "eigenvalue": symlog_inverse(u, c),
-                    "u": u,
-                    "density": in_u.density(u, sigma_u).numpy(),
-                    "se": in_u.density_standard_error(u, sigma_u).numpy(),
-                }
-            )
-        )
-    return pd.concat(rows, ignore_index=True)
 
 
 def plot_densities(dens: pd.DataFrame, c: float, sigma_u: float, path: Path) -> None:
@@ -241,7 +201,7 @@ def main() -> None:
     )
 
     tables, all_details, losses = [], {}, {}
-    for phase in tqdm(["init", "trained"], desc="phases", unit="phase"):
+    for phase in progress_bar(["init", "trained"], desc="phases", unit="phase"):
         if phase == "trained":
             model.train()
             final = sgd(model, X, y, args)

@@ -63,27 +63,30 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
+from hessian_lab.core import progress_bar  # noqa: E402
 from hessian_lab.experiments.config import TrainConfig  # noqa: E402
+from hessian_lab.experiments.optimizers import parse_option_value  # noqa: E402
+from hessian_lab.experiments.protocol import (  # noqa: E402
+    SGD_LEARNING_RATES,
+    best_sgd_runs,
+    variation_columns,
+)
 from hessian_lab.experiments.run_log import read_jsonl  # noqa: E402
 from hessian_lab.experiments.summarize import collect_runs, paper_table  # noqa: E402
-from hessian_lab.experiments.sweep import (  # noqa: E402
-    PAPER_SGD_LRS,
-    SweepSpec,
-    expand_grid,
-    run_sweep,
-)
+from hessian_lab.experiments.sweep import EXECUTORS, SweepSpec, expand_grid, run_sweep  # noqa: E402
 
 OPTIMIZERS: tuple[str, ...] = ("adler", "gn", "sgd")
 OPTIMIZER_LABELS = {"adler": "ADLER", "gn": "GN", "sgd": "SGD (best grid lr)"}
 PALETTE = {"ADLER": "#1f77b4", "GN": "#2ca02c", "SGD (best grid lr)": "#d62728"}
 MODEL_LABELS = {"cnn": "CNN", "rescnn": "CNN+ResNet", "vit": "ViT", "mlp": "MLP"}
 
-#: Fields that identify a variation (a network the three optimizers are compared on).
-VARIATION: tuple[str, ...] = ("dataset", "model", "activation", "width", "depth", "seed")
+#: What Table 1 averages over, as the paper does: sizes and seeds ("variations"). Every other
+#: setting is the same for all runs of a comparison (a different one would get its own rows).
+AVERAGED_OVER: tuple[str, ...] = ("width", "depth", "seed")
 
 #: Settings of each preset. ``arch`` pairs width with depth; ``vit`` holds the ViT's options.
+#: A preset is data only: change a preset here (and its documentation), nothing else.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "dataset": "digits",
@@ -107,7 +110,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "arch": [(16, 1)],
         "epochs": 5,
         "batch_size": 64,
-        "sgd_lrs": list(PAPER_SGD_LRS),
+        "sgd_lrs": list(SGD_LEARNING_RATES),
         "max_train": None,
         "max_test": None,
         "vit": {"patch_size": 2, "heads": 2},
@@ -121,7 +124,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "arch": [(32, 2), (64, 3)],
         "epochs": 50,
         "batch_size": 128,
-        "sgd_lrs": list(PAPER_SGD_LRS),
+        "sgd_lrs": list(SGD_LEARNING_RATES),
         "max_train": None,
         "max_test": None,
         "vit": {"patch_size": 4, "heads": 4},
@@ -173,8 +176,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-train", type=int, help="use the first N training examples")
     p.add_argument("--max-test", type=int, help="use the first N test examples")
-    p.add_argument("--workers", type=int, help="parallel worker processes (0: in this process)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="runs at once: worker processes (0: in this process), local jobs, or the SLURM "
+        "array's parallelism",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="pool",
+        help="pool: worker processes on this machine; slurm: one SLURM job per run through "
+        "submitit (pip install 'hessian-lab[cluster]'; give --slurm timeout_min=...); "
+        "submitit-local: the same submitit path as local processes",
+    )
+    p.add_argument(
+        "--slurm",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="submitit parameter, repeatable: timeout_min=240 slurm_partition=gpu "
+        "gpus_per_node=1 cpus_per_task=8 mem_gb=32 ...",
+    )
     return p.parse_args(argv)
 
 
@@ -200,6 +224,13 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings["arch"] = [tuple(a) for a in settings["arch"]]
     settings["data_dir"] = args.data_dir
     settings["device"] = args.device
+    settings["executor"] = args.executor
+    settings["slurm"] = {}
+    for item in args.slurm:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--slurm expects KEY=VALUE, got {item!r}")
+        settings["slurm"][key] = parse_option_value(text)
     default_dir = "outputs/paper_comparison"
     if args.preset != "quick":
         default_dir += f"_{args.preset}"
@@ -221,8 +252,9 @@ def build_spec(settings: dict[str, Any]) -> SweepSpec:
         "max_train": settings["max_train"],
         "max_test": settings["max_test"],
         "device": settings["device"],
-        **settings["vit"],  # patch_size, heads: given to the ViT only
     }
+    if "vit" in settings["models"]:
+        base.update(settings["vit"])  # patch_size, heads: given to the ViT only
     if settings["data_dir"]:
         base["data_dir"] = settings["data_dir"]
     return SweepSpec(
@@ -238,30 +270,9 @@ def build_spec(settings: dict[str, Any]) -> SweepSpec:
             "optimizer": list(OPTIMIZERS),
         },
         sgd_lrs=tuple(float(lr) for lr in settings["sgd_lrs"]),
+        executor=settings.get("executor", "pool"),
+        slurm=dict(settings.get("slurm", {})),
     )
-
-
-def check_reusable(configs: list[TrainConfig]) -> None:
-    """Refuse to mix runs of different settings in one output folder.
-
-    The sweep runner reuses any run folder holding ``result.json``; a folder left by a run with
-    other settings (e.g. fewer epochs) would silently enter the tables.
-
-    Raises:
-        SystemExit: A run folder exists with a configuration that differs from the grid's.
-    """
-    for config in configs:
-        saved_path = Path(config.out_dir) / "config.json"
-        if not saved_path.exists():
-            continue
-        saved = TrainConfig.load(saved_path).results_key()
-        wanted = config.results_key()
-        diff = sorted(k for k in wanted if saved.get(k) != wanted[k])
-        if diff:
-            raise SystemExit(
-                f"{saved_path.parent} holds a run with other settings ({', '.join(diff)} "
-                "differ); choose another --output-dir or delete that folder"
-            )
 
 
 def run_grid(spec: SweepSpec) -> tuple[list[TrainConfig], list[dict[str, Any]], float]:
@@ -271,21 +282,24 @@ def run_grid(spec: SweepSpec) -> tuple[list[TrainConfig], list[dict[str, Any]], 
         The configurations, the sweep's result rows and the wall time in seconds.
     """
     configs = expand_grid(spec)
-    check_reusable(configs)
-    bar = tqdm(total=len(configs), desc="runs", unit="run", dynamic_ncols=True)
+    bar = progress_bar(total=len(configs), desc="runs", unit="run", dynamic_ncols=True)
     failures: list[str] = []
 
     def report(config: TrainConfig, outcome: dict[str, Any]) -> None:
         bar.update(1)
         if outcome.get("status") != "finished":
             failures.append(f"{config.name}: {outcome.get('error')}")
-            tqdm.write(f"FAILED {config.name}: {outcome.get('error')}")
+            bar.write(f"FAILED {config.name}: {outcome.get('error')}")
         else:
             bar.set_postfix_str(f"{config.name} acc {float(outcome['test_acc']):.3f}")
 
     t0 = time.perf_counter()
-    rows = run_sweep(spec, on_result=report)
-    bar.close()
+    try:
+        rows = run_sweep(spec, on_result=report)
+    except ValueError as err:  # e.g. a run folder of other settings: nothing was run
+        raise SystemExit(str(err)) from err
+    finally:
+        bar.close()
     wall = time.perf_counter() - t0
     if failures:
         print(f"{len(failures)} of {len(configs)} runs failed (see error.txt in their folders)")
@@ -305,25 +319,10 @@ def load_runs(configs: list[TrainConfig]) -> pd.DataFrame:
     return runs
 
 
-def best_sgd_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """For every variation, the SGD run with the best final test accuracy (Table 1's choice).
-
-    A diverged run (NaN accuracy) never wins; if all diverged, the first one is kept.
-    """
-    sgd = runs[(runs["optimizer"] == "sgd") & (runs["status"] == "finished")].copy()
-    if sgd.empty:
-        return sgd
-    sgd["test_acc"] = sgd["test_acc"].astype(float)
-    picks = sgd.groupby(list(VARIATION))["test_acc"].apply(
-        lambda s: s.idxmax() if s.notna().any() else s.index[0]
-    )
-    return sgd.loc[picks.values]
-
-
 def make_table1(runs: pd.DataFrame, settings: dict[str, Any]) -> pd.DataFrame:
     """Table 1 in long form: one row per model × activation × optimizer, complete."""
-    table = paper_table(runs, metric="test_acc", rows=("model", "activation"))
-    best = best_sgd_runs(runs)
+    table = paper_table(runs, metric="test_acc", rows=("model", "activation"), over=AVERAGED_OVER)
+    best = best_sgd_runs(runs, "test_acc")
     rows = []
     for model in settings["models"]:
         for activation in settings["activations"]:
@@ -383,13 +382,14 @@ def epoch_curves(runs: pd.DataFrame) -> pd.DataFrame:
     chosen = pd.concat(
         [
             runs[(runs["optimizer"] != "sgd") & (runs["status"] == "finished")],
-            best_sgd_runs(runs),
+            best_sgd_runs(runs, "test_acc"),
         ]
     )
     frames = []
+    variation = variation_columns(runs.columns)
     for _, run in chosen.iterrows():
         epochs = pd.DataFrame(read_jsonl(Path(run["run_dir"]) / "epochs.jsonl"))
-        for key in (*VARIATION, "optimizer", "lr", "name"):
+        for key in (*variation, "optimizer", "lr", "name"):
             epochs[key] = run[key]
         frames.append(epochs)
     curves = pd.concat(frames, ignore_index=True)
@@ -408,6 +408,7 @@ def lr_curves(runs: pd.DataFrame, bins_per_epoch: int = 10) -> pd.DataFrame:
     run itself keeps its lr fixed).
     """
     done = runs[runs["status"] == "finished"]
+    variation = variation_columns(runs.columns)
     frames = []
     for _, run in done[done["optimizer"] != "sgd"].iterrows():
         steps = pd.DataFrame(read_jsonl(Path(run["run_dir"]) / "steps.jsonl"))
@@ -421,11 +422,11 @@ def lr_curves(runs: pd.DataFrame, bins_per_epoch: int = 10) -> pd.DataFrame:
         binned = steps.groupby("x")["eta_hat"].apply(lambda s: float(np.exp(np.log(s).mean())))
         frame = binned.reset_index().rename(columns={"eta_hat": "lr"})
         frame["x"] += 0.5 / bins_per_epoch  # bin centres, in epochs
-        for key in (*VARIATION, "optimizer"):
+        for key in (*variation, "optimizer"):
             frame[key] = run[key]
         frames.append(frame)
     sgd = done[done["optimizer"] == "sgd"]
-    for _, group in sgd.groupby(list(VARIATION)):
+    for _, group in sgd.groupby(variation, dropna=False):
         accs = []
         for _, run in group.iterrows():
             epochs = pd.DataFrame(read_jsonl(Path(run["run_dir"]) / "epochs.jsonl"))
@@ -450,7 +451,7 @@ def lr_curves(runs: pd.DataFrame, bins_per_epoch: int = 10) -> pd.DataFrame:
             }
         ).sort_values("x", kind="stable")
         first = group.iloc[0]
-        for key in (*VARIATION, "optimizer"):
+        for key in (*variation, "optimizer"):
             frame[key] = first[key]
         frames.append(frame)
     curves = pd.concat(frames, ignore_index=True)
@@ -464,8 +465,9 @@ def compute_table(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float]]:
     done["steps"] = done["steps"].astype(float)
     done["train_time_s"] = done["train_time_s"].astype(float)
     rows = []
-    for key, group in done.groupby(list(VARIATION)):
-        row = dict(zip(VARIATION, key, strict=True))
+    variation = variation_columns(runs.columns)
+    for key, group in done.groupby(variation, dropna=False):
+        row = dict(zip(variation, key, strict=True))
         for opt in ("adler", "gn"):
             sel = group[group["optimizer"] == opt]
             row[f"{opt}_steps"] = sel["steps"].sum() if len(sel) else math.nan
@@ -477,6 +479,10 @@ def compute_table(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float]]:
         row["sgd_grid_time_s"] = sgd["train_time_s"].sum()
         rows.append(row)
     table = pd.DataFrame(rows)
+    # Keep the variation columns that say something: the classic ones and any that vary.
+    classic = ("dataset", "model", "activation", "width", "depth", "seed")
+    constant = [c for c in variation if c not in classic and table[c].astype(str).nunique() <= 1]
+    table = table.drop(columns=constant)
     totals = {
         "adler_steps": float(table["adler_steps"].sum()),
         "adler_time_s": float(table["adler_time_s"].sum()),

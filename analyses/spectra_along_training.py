@@ -48,18 +48,57 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
-from _adler_snapshots import adler_run, make_setup, snapshot_steps  # noqa: E402
-from compare_spectra import (  # noqa: E402
+
+from hessian_lab import compare_operators  # noqa: E402
+from hessian_lab.core import progress_bar  # noqa: E402
+from hessian_lab.experiments.config import TrainConfig  # noqa: E402
+from hessian_lab.experiments.curvature_study import (  # noqa: E402
+    OPERATOR_COLORS,
     OPERATOR_LABELS,
-    PALETTE,
     density_table,
     make_operators,
 )
-from tqdm.auto import tqdm  # noqa: E402
+from hessian_lab.experiments.loop import (  # noqa: E402
+    AtSteps,
+    LoopState,
+    RecordSteps,
+    WorkBar,
+    geometric_steps,
+    run_loop,
+)
+from hessian_lab.experiments.training import RunSetup, setup_run  # noqa: E402
 
-from hessian_lab import compare_operators  # noqa: E402
+PALETTE = OPERATOR_COLORS
 
 PAIRS = [("H", "Q"), ("H", "GN"), ("Q", "GN")]
+
+#: One checkpoint's spectral work in training steps, before it is measured (defaults, measured
+#: on a 2-core CPU: a checkpoint took as long as about 400 ADLER steps); the progress bar
+#: replaces it by the measured ratio after the first checkpoint and steps.
+CHECKPOINT_STEPS_GUESS = 400.0
+
+
+def digits_cnn(args: argparse.Namespace) -> RunSetup:
+    """The study's setup: a ``cnn`` on digits (split seed 0) with ADLER, the paper's defaults.
+
+    Through :func:`hessian_lab.experiments.training.setup_run`, the same construction as
+    ``hessian-lab train``: the model drawn from ``torch.manual_seed(seed)``, in ``args.dtype``,
+    in eval mode (no batch norm or dropout: the same function; the operators require eval).
+    """
+    config = TrainConfig(
+        model="cnn",
+        activation=args.activation,
+        width=args.width,
+        depth=args.depth,
+        dataset="digits",
+        optimizer="adler",
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+    )
+    setup = setup_run(config, dtype=getattr(torch, args.dtype))
+    setup.model.eval()
+    return setup
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -284,11 +323,12 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    setup = make_setup(
-        args.seed, args.activation, args.width, args.depth, getattr(torch, args.dtype), args.device
+    setup = digits_cnn(args)
+    curvature_data = (
+        setup.train_x[: args.curvature_examples],
+        setup.train_y[: args.curvature_examples],
     )
-    curvature_data = (setup.X[: args.curvature_examples], setup.y[: args.curvature_examples])
-    at = snapshot_steps(args.steps, args.checkpoints)
+    at = geometric_steps(args.steps, args.checkpoints)
     print(
         f"CNN ({args.activation}, width {args.width}, depth {args.depth}): P = "
         f"{setup.num_params:,}; curvature on N = {args.curvature_examples} training digits, "
@@ -296,16 +336,36 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     tables, details = [], {}
-    bar = tqdm(total=len(at), desc="checkpoints", unit="ckpt")
+    # One bar over all the work: ADLER steps and the checkpoints' spectral analyses, each
+    # checkpoint weighted by its measured cost in steps (so the total and the time left are
+    # right on any machine; a bar over steps alone stalls at every checkpoint).
+    bar = progress_bar(total=args.steps, desc="ADLER steps + checkpoints", unit="step")
+    work = WorkBar(bar, args.steps, len(at), CHECKPOINT_STEPS_GUESS)
 
-    def on_snapshot(step: int, opt: object, last: dict[str, float]) -> None:
-        table, det = analyse_checkpoint(setup.model, curvature_data, step, last, args)
+    def on_snapshot(state: LoopState) -> None:
+        with work.task():
+            table, det = analyse_checkpoint(
+                setup.model, curvature_data, state.step, state.last, args
+            )
         tables.append(table)
-        details[step] = det
-        bar.update()
+        details[state.step] = det
 
-    log = adler_run(setup, args.steps, args.batch_size, args.seed, at, on_snapshot, eval_every=None)
+    record = RecordSteps()
+    # Minibatches without replacement, epoch by epoch (an epoch's incomplete last batch is
+    # skipped), from a generator seeded with seed + 1.
+    run_loop(
+        setup.model,
+        setup.optimizer,
+        setup.train_x,
+        setup.train_y,
+        batch_size=args.batch_size,
+        order=torch.Generator().manual_seed(args.seed + 1),
+        max_steps=args.steps,
+        drop_last=True,
+        callbacks=[record, AtSteps(at, on_snapshot), work],
+    )
     bar.close()
+    log = pd.DataFrame(record.rows)
     table = pd.concat(tables, ignore_index=True)
 
     # One symlog axis for all checkpoints (as in compare_spectra.py): linear below c = 1e-3 of the

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import pickle
+import shutil
 import sys
 from pathlib import Path
 
@@ -100,10 +101,42 @@ def test_rerun_reuses_finished_runs(pc, tiny_run, capsys):
     assert "Table 1" in printed and str(out / "figure2.png") in printed
 
 
-def test_other_settings_in_same_folder_are_refused(pc, tiny_run):
-    out, _ = tiny_run
-    with pytest.raises(SystemExit, match="other settings"):
-        pc.main(["--preset", "tiny", "--output-dir", str(out), "--epochs", "2"])
+def test_other_settings_get_their_own_runs_and_never_mix(pc, tiny_run, tmp_path):
+    # Run names hash the whole configuration: other settings in the same output folder are new
+    # runs beside the old ones (formerly refused), and the tables use only the current grid's.
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_run[0], out)
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("result.json")}
+    assert pc.main(["--preset", "tiny", "--output-dir", str(out), "--epochs", "2"]) == 0
+    assert len(list((out / "runs").iterdir())) == 8
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # the 1-epoch runs untouched
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 4 and set(runs["epochs"]) == {2}
+    assert set(pd.read_csv(out / "curves.csv")["epoch"]) == {0, 1, 2}
+
+
+def test_a_folder_with_other_settings_is_refused(pc, tiny_run, tmp_path):
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_run[0], out)
+    saved = next((out / "runs").glob("*/config.json"))
+    config = json.loads(saved.read_text())
+    saved.write_text(json.dumps({**config, "max_test": 7}))  # what a name collision would hold
+    with pytest.raises(SystemExit, match="other settings.*max_test"):
+        pc.main(["--preset", "tiny", "--output-dir", str(out)])
+
+
+@pytest.mark.slow
+def test_comparison_through_submitit(pc, tmp_path):
+    pytest.importorskip("submitit")
+    out = tmp_path / "sub"
+    args = ["--preset", "tiny", "--output-dir", str(out), "--sgd-lrs", "0.1",
+            "--executor", "submitit-local", "--workers", "2"]  # fmt: skip
+    assert pc.main(args) == 0
+    assert len(list((out / "submitit").glob("*_result.pkl"))) == 3  # ADLER, GN, SGD: 3 jobs
+    table = pd.read_csv(out / "table1.csv")
+    assert len(table) == 3 and table["mean"].between(0, 1).all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["executor"] == "submitit-local"
 
 
 def test_paper_presets_build_the_full_grid(pc, tmp_path):

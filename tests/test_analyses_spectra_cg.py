@@ -6,6 +6,7 @@ mathematics guarantees.
 """
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +19,21 @@ ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
 TINY_MODEL = ["--width", "2", "--threads", "1"]
 
 
-def run_script(name: str, out: Path, *flags: str) -> str:
+def run_script(name: str, out: Path, *flags: str) -> tuple[str, str]:
     cmd = [sys.executable, str(ANALYSES / name), "--output-dir", str(out), *TINY_MODEL, *flags]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ANALYSES.parent)
     assert run.returncode == 0, run.stderr[-3000:]
-    return run.stdout
+    # Output captured (not a terminal): progress as whole lines, no \r or escape codes.
+    assert "\r" not in run.stderr and "\x1b" not in run.stderr, run.stderr[-500:]
+    return run.stdout, run.stderr
+
+
+def final_progress(stderr: str, desc: str) -> tuple[int, int]:
+    """``(done, total)`` of the last progress line ``desc: done/total ...``."""
+    lines = [line for line in stderr.splitlines() if line.startswith(desc + ":")]
+    assert lines, stderr[-500:]
+    done, total = re.match(rf"{re.escape(desc)}: (\d+)/(\d+) ", lines[-1]).groups()
+    return int(done), int(total)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -41,13 +52,17 @@ def spectra_run(tmp_path_factory):
 
 
 def test_spectra_files_and_summary(spectra_run):
-    out, stdout = spectra_run
+    out, (stdout, stderr) = spectra_run
     names = ["spectra.csv", "densities.csv", "training.csv", "densities.png",
              "top_eigenvalues.png", "overlaps.png", "rayleigh.png"]  # fmt: skip
     for name in names:
         assert (out / name).stat().st_size > 0, name
         assert str(out / name) in stdout, name  # the summary says where each file went
     assert "total time" in stdout
+    # One bar over steps and checkpoints: full at the end, the checkpoints' work included (the
+    # old bar counted checkpoints only, and its nested step bar's rate absorbed their pauses).
+    done, total = final_progress(stderr, "ADLER steps + checkpoints")
+    assert done == total > 8  # 8 steps plus 3 checkpoints weighted by their measured cost
 
 
 def test_spectra_values_are_sane(spectra_run):
@@ -90,15 +105,13 @@ def test_spectra_values_are_sane(spectra_run):
 
 
 def test_snapshot_steps_are_geometric_and_include_ends():
-    sys.path.insert(0, str(ANALYSES))
-    try:
-        from _adler_snapshots import snapshot_steps
-    finally:
-        sys.path.remove(str(ANALYSES))
-    assert snapshot_steps(400, 5) == [0, 6, 25, 100, 400]
-    assert snapshot_steps(8, 3) == [0, 1, 8]
-    assert snapshot_steps(3, 10) == [0, 1, 2, 3]  # never beyond the run, never repeated
-    assert snapshot_steps(5, 1) == [0]
+    # The analyses' shared helpers live in the library (no sys.path tricks).
+    from hessian_lab.experiments.loop import geometric_steps
+
+    assert geometric_steps(400, 5) == [0, 6, 25, 100, 400]
+    assert geometric_steps(8, 3) == [0, 1, 8]
+    assert geometric_steps(3, 10) == [0, 1, 2, 3]  # never beyond the run, never repeated
+    assert geometric_steps(5, 1) == [0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,13 +130,16 @@ def cg_run(tmp_path_factory):
 
 
 def test_cg_files_and_summary(cg_run):
-    out, stdout = cg_run
+    out, (stdout, stderr) = cg_run
     names = ["cg_iterations.csv", "cg_solves.csv", "cg_convergence.png", "training.csv",
              "hf_vs_adler.png"]  # fmt: skip
     for name in names:
         assert (out / name).stat().st_size > 0, name
         assert str(out / name) in stdout, name
     assert "total time" in stdout
+    done, total = final_progress(stderr, "ADLER + CG study")
+    assert done == total > 6
+    assert final_progress(stderr, "Hessian-free") == (6, 6)
 
 
 def test_cg_quadratic_model_never_increases_for_psd_curvature(cg_run):
@@ -146,7 +162,7 @@ def test_cg_quadratic_model_never_increases_for_psd_curvature(cg_run):
 
 
 def test_cg_reports_negative_curvature_of_h(cg_run):
-    out, stdout = cg_run
+    out, (stdout, _) = cg_run
     solves = pd.read_csv(out / "cg_solves.csv")
     assert len(solves) == 3 * 2 * 3  # points × dampings × operators
     neg = solves[solves.negative_curvature]
