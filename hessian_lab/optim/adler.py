@@ -6,28 +6,47 @@ Per batch k, with G_k = ∇h_I(θ_k) and the curvature C (the paper's Q by defau
 
     \eta_k = \frac{G_k^\top G_k}{G_k^\top C G_k + \varepsilon\, G_k^\top G_k}, \qquad
     s_{k+1} = \beta s_k + \log \eta_k, \quad c_{k+1} = \beta c_k + 1, \quad
-    \hat\eta_k = \exp(s_{k+1} / c_{k+1}), \qquad \theta_{k+1} = \theta_k - \hat\eta_k G_k,
+    \hat\eta_k = \exp(s_{k+1} / c_{k+1}), \qquad \theta_{k+1} = \theta_k - \mathrm{lr}\,
+    \hat\eta_k G_k,
 
-with s_0 = c_0 = 0, β = 0.99, ε = 1e-10. ε is read as C + εI (our interpretation of the paper's
-"Hessian regularization", DESIGN.md §3). The GN variants average η_k arithmetically (footnote 10).
+with s_0 = c_0 = 0, β = 0.99, ε = 1e-10 and lr = 1 (the paper's Algorithm 1; ``lr`` is the
+param group's multiplier that ``torch.optim.lr_scheduler`` shapes). ε is read as C + εI (our
+interpretation of the paper's "Hessian regularization", DESIGN.md §3). The GN variants average
+η_k arithmetically (footnote 10).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from hessian_lab.core import ModelInputs, OutputFn, vector_to_params
+from hessian_lab.core import ModelInputs, OutputFn, batch_examples, vector_to_params
 from hessian_lab.optim.averaging import average_value, check_averaging, update_average
 from hessian_lab.optim.distributed import weighted_all_reduce
-from hessian_lab.optim.step_size import CURVATURES, StepSizeEstimator, quadratic_step
+from hessian_lab.optim.step_size import (
+    CURVATURES,
+    StepSizeEstimator,
+    curvature_examples,
+    quadratic_step,
+)
 
 #: Averaging rule of each curvature when ``averaging=None`` (paper: log for Q, arithmetic for GN).
 DEFAULT_AVERAGING = {"ggn": "log", "hessian": "log", "ef": "arithmetic", "ef_batch": "arithmetic"}
+
+#: The keys of ADLER's running state, kept in ``optimizer.state[first parameter]``.
+STATE_KEYS = (
+    "step",
+    "average_numerator",
+    "average_denominator",
+    "consecutive_skips",
+    "skip_reasons",
+)
 
 # Bit flags of why a step was skipped, and what the error message says about each.
 _REASONS = (
@@ -47,10 +66,12 @@ class ADLERRecord(NamedTuple):
     """What one :meth:`ADLER.step` saw, as 0-dim tensors (read them only when you log them).
 
     Attributes:
-        loss: h_I(θ_k), the batch loss before the update.
+        loss: h_I(θ_k), the batch loss before the update (after the user's own backward: the
+            loss of the curvature pass's batch; NaN for ``"ef_batch"``, which makes none).
         eta: η_k = GᵀG / (GᵀCG + ε GᵀG), NaN when undefined.
-        eta_hat: η̂_k, the learning rate applied to G (after ``max_lr``/``trust_region`` when
-            set; on a skipped step the current average, which was not applied).
+        eta_hat: η̂_k, the running average of η_k (on a skipped step the current average).
+        applied_lr: The rate that multiplied G: lr · min(η̂_k, max_lr, Δ/‖G‖) (caps only when
+            set); not applied on a skipped step.
         grad_sq: GᵀG.
         curvature: GᵀCG.
         skipped: True when the parameters were left untouched.
@@ -59,6 +80,7 @@ class ADLERRecord(NamedTuple):
     loss: torch.Tensor
     eta: torch.Tensor
     eta_hat: torch.Tensor
+    applied_lr: torch.Tensor
     grad_sq: torch.Tensor
     curvature: torch.Tensor
     skipped: torch.Tensor
@@ -67,14 +89,32 @@ class ADLERRecord(NamedTuple):
 class ADLER(torch.optim.Optimizer):
     r"""ADaptive LEarning Rate SGD (Algorithm 1 of Balboni & Bacciu) as a ``torch.optim`` optimizer.
 
-    Each :meth:`step` costs one forward + backward for G and, for ``"ggn"``/``"ef"``, one
-    forward-mode JVP for u = J G (no extra backward); ``"ef_batch"`` costs nothing more than SGD;
+    Each step costs one forward + backward for G and, for ``"ggn"``/``"ef"``, one curvature
+    pass for u = J G (no extra backward); ``"ef_batch"`` costs nothing more than SGD;
     ``"hessian"`` one Hessian-vector product (double backward).
 
+    **The loops people write** (docs/optimizer.md has the recipes):
+
+    * ``opt.step(inputs, targets)``: ADLER computes G itself on the batch (one forward +
+      backward) and the curvature along it, then updates; ``.grad`` is neither read nor written.
+    * ``loss.backward(); opt.step()``: G is the parameters' ``.grad`` as the user's backward left
+      it (after clipping, AMP unscaling, accumulation, DDP's all-reduce); ADLER adds only the
+      curvature pass, on the batch of the model's most recent forward with grad enabled (recorded
+      by a forward pre-hook), with targets from ``step(targets=...)``, else from the latest call
+      of ``loss_fn`` when it is an ``nn.Module`` (ADLER watches it), else from the ``labels``
+      keyword of the recorded model call (Hugging Face). ``step(inputs=..., targets=...)`` names
+      the curvature batch explicitly. With gradient accumulation the curvature is estimated on
+      the last micro-batch. Returns the :class:`ADLERRecord`.
+    * ``opt.step(closure)``: ``torch.optim``'s meaning: ``closure()`` zeroes the gradients, runs
+      forward + backward and returns the loss; ADLER calls it, then proceeds as above, and
+      returns the closure's loss (the record is :attr:`last_record`). PyTorch Lightning and the
+      Hugging Face ``Trainer`` drive ADLER through these two forms.
+
     Args:
-        model: The network, or a ``DistributedDataParallel`` wrapper (then G and GᵀCG are
-            all-reduced with the weights of one process on the concatenated batch, so η_k is
-            identical on every rank; computation runs on ``model.module``).
+        model: The network, or a ``DistributedDataParallel`` wrapper (then GᵀCG is all-reduced
+            with the weights of one process on the concatenated batch, and so is G when ADLER
+            computes it, so η_k is identical on every rank; computation runs on
+            ``model.module``).
         loss_fn: The loss ``(outputs, targets) -> scalar``, ``reduction`` ``"mean"`` or ``"sum"``.
         curvature: C: ``"ggn"`` (the paper's Q, ADLER), ``"ef"`` (the paper's GN, per example),
             ``"ef_batch"`` (GN = G Gᵀ, η_k = 1/(‖G‖² + ε)) or ``"hessian"`` (exact H).
@@ -83,11 +123,11 @@ class ADLER(torch.optim.Optimizer):
         params: ``None`` for every trainable parameter, or a list of names; the others stay fixed.
         averaging: ``"log"`` or ``"arithmetic"``; ``None`` picks the paper's rule (log for
             ``"ggn"``/``"hessian"``, arithmetic for ``"ef"``/``"ef_batch"``).
-        max_lr: Off by default. Cap the applied rate: min(η̂_k, max_lr).
-        trust_region: Off by default. Bound the step length: ‖θ_{k+1} − θ_k‖ ≤ trust_region,
-            i.e. the applied rate is min(η̂_k, Δ/‖G‖) (the paper's future work, DESIGN.md §3).
+        max_lr: Off by default. Cap the rate: min(η̂_k, max_lr).
+        trust_region: Off by default. Bound the step length: ‖θ_{k+1} − θ_k‖ ≤ trust_region
+            (before ``lr``), i.e. the rate is min(η̂_k, Δ/‖G‖) (the paper's future work).
         curvature_fraction: Off by default. Estimate GᵀCG on the first ⌈f·N⌉ examples of the
-            batch, cutting the JVP's cost by about f.
+            batch, cutting the curvature pass's cost by about f.
         beta_schedule: Off by default. A callable k -> β_k used instead of ``beta`` (the paper's
             footnote 11 wishes β_k → 1). Not saved in ``state_dict``: pass the same callable
             when resuming.
@@ -95,16 +135,18 @@ class ADLER(torch.optim.Optimizer):
             (``None``: never). On CPU the check is immediate; on CUDA it reads a flag copied
             asynchronously, so it may raise a few steps late but never synchronizes the step.
         allow_train_mode: Accept BatchNorm/Dropout in train mode.
+        jvp_method: ``"auto"`` (default), ``"forward"`` (``torch.func.jvp``) or
+            ``"double_backward"`` (reuse the gradient pass's forward); see
+            :class:`~hessian_lab.optim.step_size.StepSizeEstimator`. Same u = J G up to
+            rounding; only the cost differs. After the user's own backward, forward mode is used
+            (that backward's graph is gone).
+        lr: The param group's multiplier of the rate, default 1.0 (the paper). Schedulers from
+            ``torch.optim.lr_scheduler`` change it; η_k and η̂_k do not depend on it.
         reduction: For a plain callable loss without a ``reduction`` attribute, ``"mean"`` or
             ``"sum"`` (required for ``"ef"``); see
             :class:`~hessian_lab.output_curvature.LossReduction`.
         output_fn: Maps the model's output to the tensor the loss takes (default: a tensor,
             else its ``logits``, as a Hugging Face ``ModelOutput`` has).
-        jvp_method: ``"auto"`` (default), ``"forward"`` (``torch.func.jvp``) or
-            ``"double_backward"`` (reuse the gradient pass's forward); see
-            :class:`~hessian_lab.optim.step_size.StepSizeEstimator`. Same u = J G up to
-            rounding; only the cost differs. ``"auto"`` is deterministic (chosen from the
-            model's layers), so runs stay reproducible.
 
     A step whose loss, gradient, curvature or η_k is not finite (or whose GᵀCG + εGᵀG ≤ 0)
     leaves the parameters and the averages untouched and returns ``skipped=True``.
@@ -137,6 +179,7 @@ class ADLER(torch.optim.Optimizer):
         allow_train_mode: bool = False,
         jvp_method: str = "auto",
         *,
+        lr: float = 1.0,
         reduction: str | None = None,
         output_fn: OutputFn | None = None,
     ) -> None:
@@ -150,6 +193,7 @@ class ADLER(torch.optim.Optimizer):
         for name, value in (("max_lr", max_lr), ("trust_region", trust_region)):
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive or None, got {value}.")
+        _check_lr(lr)
         if max_consecutive_skips is not None and max_consecutive_skips < 1:
             raise ValueError(
                 f"max_consecutive_skips must be >= 1 or None, got {max_consecutive_skips}."
@@ -175,6 +219,7 @@ class ADLER(torch.optim.Optimizer):
             )
         self.beta_schedule = beta_schedule
         defaults = {
+            "lr": float(lr),
             "curvature": curvature,
             "beta": float(beta),
             "eps": float(eps),
@@ -187,15 +232,47 @@ class ADLER(torch.optim.Optimizer):
             "jvp_method": jvp_method,
         }
         super().__init__(list(self._estimator.params.values()), defaults)
-        first = next(iter(self._estimator.params.values()))
+        self._first = next(iter(self._estimator.params.values()))
         # The averages in at least float32: log-averaging in bf16 would lose the rate.
-        self._avg_dtype = torch.promote_types(first.dtype, torch.float32)
-        zero = torch.zeros((), dtype=self._avg_dtype, device=first.device)
-        self._s, self._c = zero.clone(), zero.clone()
-        self._skips = torch.zeros((), dtype=torch.int64, device=first.device)
-        self._reasons = torch.zeros((), dtype=torch.int64, device=first.device)
-        self._num_steps = 0
+        self._avg_dtype = torch.promote_types(self._first.dtype, torch.float32)
+        self._reset_state()
         self._pending: tuple[Any, torch.Tensor] | None = None
+        #: The :class:`ADLERRecord` of the latest step.
+        self.last_record: ADLERRecord | None = None
+        self._recorded_call: tuple[tuple, dict] | None = None
+        self._recorded_targets: torch.Tensor | None = None
+        self._own_pass = False
+        self._hooks = self._watch(model, loss_fn)
+
+    # ---------------------------------------------------------------------------------------
+    # State: everything that a resumed run needs lives in self.state / the param group.
+
+    def _reset_state(self) -> None:
+        device = self._first.device
+        zero = torch.zeros((), dtype=self._avg_dtype, device=device)
+        count = torch.zeros((), dtype=torch.int64, device=device)
+        self.state[self._first] = {
+            "step": 0,
+            "average_numerator": zero.clone(),  # s_k
+            "average_denominator": zero.clone(),  # c_k
+            "consecutive_skips": count.clone(),
+            "skip_reasons": count.clone(),
+        }
+
+    @property
+    def _adler_state(self) -> dict[str, Any]:
+        return self.state[self._first]
+
+    @property
+    def num_steps(self) -> int:
+        """k, the number of steps taken so far (skipped ones included)."""
+        return int(self._adler_state["step"])
+
+    @property
+    def averages(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s_k, c_k) of the running average."""
+        st = self._adler_state
+        return st["average_numerator"], st["average_denominator"]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Refuse a second group: one η_k is computed for all of θ."""
@@ -206,21 +283,91 @@ class ADLER(torch.optim.Optimizer):
             )
         super().add_param_group(param_group)
 
-    @property
-    def num_steps(self) -> int:
-        """k, the number of steps taken so far (skipped ones included)."""
-        return self._num_steps
+    # ---------------------------------------------------------------------------------------
+    # Watching the user's own forward and loss, for steps after the user's backward.
 
-    @property
-    def averages(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(s_k, c_k) of the running average."""
-        return self._s, self._c
+    def _watch(self, model: nn.Module, loss_fn: Any) -> list[Any]:
+        module = self._estimator.module
+        me = weakref.ref(self)  # the model must not keep the optimizer alive
 
-    def step(self, inputs: ModelInputs, targets: torch.Tensor) -> ADLERRecord:  # type: ignore[override]
-        """One ADLER update on the batch (inputs, targets); returns an :class:`ADLERRecord`.
+        def record_forward(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            opt = me()
+            # A deep copy of the model carries this hook: only the watched module counts.
+            if opt is None or opt._own_pass or mod is not module or not torch.is_grad_enabled():
+                return
+            opt._recorded_call = (tuple(args), dict(kwargs))
+            opt._recorded_targets = None
 
-        ``inputs`` is a tensor (``model(x)``), a tuple of tensors (``model(*x)``) or a dict of
-        tensors (``model(**x)``).
+        hooks = [module.register_forward_pre_hook(record_forward, with_kwargs=True)]
+        if isinstance(loss_fn, nn.Module):
+
+            def record_loss(mod: nn.Module, args: tuple) -> None:
+                opt = me()
+                if opt is None or opt._own_pass or len(args) < 2:
+                    return
+                if isinstance(args[1], torch.Tensor):
+                    opt._recorded_targets = args[1]
+
+            hooks.append(loss_fn.register_forward_pre_hook(record_loss))
+        return hooks
+
+    def _recorded_batch(
+        self, inputs: ModelInputs | None, targets: torch.Tensor | None
+    ) -> tuple[ModelInputs, torch.Tensor]:
+        """The curvature pass's batch after the user's backward (class docstring)."""
+        labels = None
+        if inputs is None:
+            if self._recorded_call is None:
+                raise RuntimeError(
+                    "ADLER.step() without a batch computes the curvature on the batch of the "
+                    "model's most recent forward, but it saw none (a forward with grad enabled, "
+                    "after this optimizer was built). Call opt.step(inputs, targets), or pass "
+                    "the curvature batch: opt.step(inputs=x, targets=y)."
+                )
+            args, kwargs = self._recorded_call
+            if args and kwargs:
+                raise RuntimeError(
+                    "The model's last forward took both positional and keyword arguments, "
+                    "which ADLER cannot replay; pass the batch: opt.step(inputs=x, targets=y)."
+                )
+            if kwargs:
+                labels = kwargs.get("labels")
+                inputs = {k: v for k, v in kwargs.items() if k != "labels"}
+            else:
+                inputs = args[0] if len(args) == 1 else args
+        if targets is None:
+            targets = self._recorded_targets if self._recorded_targets is not None else labels
+        if not isinstance(targets, torch.Tensor):
+            raise RuntimeError(
+                "ADLER.step() without a batch needs the targets of the model's last batch for "
+                "its curvature pass, and saw none: loss_fn is not an nn.Module ADLER can watch "
+                "and the model was not called with labels=. Pass them: opt.step(targets=y), "
+                "or call opt.step(inputs, targets)."
+            )
+        return inputs, targets
+
+    # ---------------------------------------------------------------------------------------
+
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], Any] | ModelInputs | None = None,
+        targets: torch.Tensor | None = None,
+        *,
+        inputs: ModelInputs | None = None,
+    ) -> Any:
+        """One ADLER update; the three forms of the class docstring.
+
+        Args:
+            closure: A ``torch.optim`` closure (zero_grad, forward, backward, return the loss),
+                or, with ``targets``, the batch's model inputs (tensor, tuple or dict).
+            targets: With model inputs in ``closure``: the batch ADLER computes G on. Alone (or
+                with ``inputs``): the targets of the curvature pass after the user's backward.
+            inputs: The curvature pass's inputs after the user's backward (default: those of
+                the model's most recent forward).
+
+        Returns:
+            The :class:`ADLERRecord`, or for a closure the closure's return value (the record
+            is then :attr:`last_record`).
         """
         group = self.param_groups[0]
         est = self._estimator
@@ -228,33 +375,106 @@ class ADLER(torch.optim.Optimizer):
         est.curvature = group["curvature"]
         est.curvature_fraction = group["curvature_fraction"]
         est.jvp_method = group["jvp_method"]
-        averaging = group["averaging"]
+        _check_lr(group["lr"])
 
+        closure_result = None
+        if callable(closure) and not isinstance(closure, (torch.Tensor, Mapping)):
+            with torch.enable_grad():
+                closure_result = closure()
+            closure = None
+        self._own_pass = True
+        try:
+            if closure is not None:
+                if targets is None or inputs is not None:
+                    raise TypeError(
+                        "opt.step(inputs, targets) needs both the inputs and the targets; after "
+                        "your own backward call opt.step() (or opt.step(targets=y))."
+                    )
+                record = self._step_on_batch(group, closure, targets)
+            else:
+                record = self._step_after_backward(group, inputs, targets)
+        finally:
+            self._own_pass = False
+        self.last_record = record
+        return record if closure_result is None else closure_result
+
+    def _step_on_batch(
+        self, group: dict[str, Any], inputs: ModelInputs, targets: torch.Tensor
+    ) -> ADLERRecord:
+        """G and GᵀCG from ADLER's own passes on the batch."""
+        est = self._estimator
         gp = est.gradient_pass(inputs, targets)
         loss = gp.loss
         if self._distributed:
             # One collective for G and the loss; G's tensors become views of the reduced buffer.
             packed = torch.cat([g.reshape(-1) for g in gp.gradient.values()] + [loss.reshape(1)])
-            weight = est.loss_reduction.denominator(targets)  # N_b, or summed class weights
+            # This rank's weight: N_r, or its summed class weights (the whole batch's targets).
+            weight = est.loss_reduction.denominator(targets.to(self._first.device))
             packed = weighted_all_reduce(packed, weight, est.reduction, self._process_group)
             loss = packed[-1]
             gp.gradient = vector_to_params(packed[:-1], gp.gradient)  # "ef_batch" needs global G
         grads = list(gp.gradient.values())
-        # ‖G‖² from per-tensor norms: no P-sized temporary (those cost page faults on CPU).
-        grad_sq = torch.stack(torch._foreach_norm(grads)).square().sum()
+        grad_sq = _squared_norm(grads)
         curv = est.curvature_along(gp, gp.gradient)
-        if self._distributed and group["curvature"] != "ef_batch":
-            # GᵀG is global already; GᵀCG is a per-rank mean until reduced (DESIGN.md §6).
-            sub_weight = est.loss_reduction.denominator(gp.targets)  # the curvature's examples
-            curv = weighted_all_reduce(
-                curv.reshape(1), sub_weight, est.reduction, self._process_group
-            )[0]
+        curv = self._reduce_curvature(group, curv, gp.targets)
+        return self._update(group, loss, grads, grad_sq, curv, loss_known=True)
+
+    def _step_after_backward(
+        self,
+        group: dict[str, Any],
+        inputs: ModelInputs | None,
+        targets: torch.Tensor | None,
+    ) -> ADLERRecord:
+        """G from ``.grad`` (the user's backward), GᵀCG from one curvature pass."""
+        est = self._estimator
+        params = group["params"]
+        if all(p.grad is None for p in params):
+            raise RuntimeError(
+                "ADLER.step() found no gradient in the parameters' .grad: call loss.backward() "
+                "before opt.step(), or let ADLER compute G: opt.step(inputs, targets)."
+            )
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        gradient = dict(zip(est.param_names, grads, strict=True))
+        grad_sq = _squared_norm(grads)
+        if group["curvature"] == "ef_batch":  # GN = G Gᵀ: (GᵀG)², no pass needed
+            loss = torch.full_like(grad_sq, math.nan)
+            curv = grad_sq * grad_sq
+            return self._update(group, loss, grads, grad_sq, curv, loss_known=False)
+        batch_inputs, batch_targets = self._recorded_batch(inputs, targets)
+        with torch.no_grad():
+            loss, curv = est.curvature_pass(batch_inputs, batch_targets, gradient)
+        batch_targets = batch_targets.to(self._first.device)
+        m = curvature_examples(batch_examples(batch_targets), est.curvature_fraction)
+        curv = self._reduce_curvature(group, curv, batch_targets[:m])
+        return self._update(group, loss, grads, grad_sq, curv, loss_known=True)
+
+    def _reduce_curvature(
+        self, group: dict[str, Any], curv: torch.Tensor, curvature_targets: torch.Tensor
+    ) -> torch.Tensor:
+        """GᵀCG over the ranks: it is a per-rank mean until reduced (DESIGN.md §6)."""
+        if not self._distributed or group["curvature"] == "ef_batch":
+            return curv
+        est = self._estimator
+        weight = est.loss_reduction.denominator(curvature_targets)
+        return weighted_all_reduce(curv.reshape(1), weight, est.reduction, self._process_group)[0]
+
+    def _update(
+        self,
+        group: dict[str, Any],
+        loss: torch.Tensor,
+        grads: list[torch.Tensor],
+        grad_sq: torch.Tensor,
+        curv: torch.Tensor,
+        *,
+        loss_known: bool,
+    ) -> ADLERRecord:
+        """η_k, the running average, the caps, lr, and θ ← θ − lr·r_k·G; skips on bad values."""
+        st = self._adler_state
         q = quadratic_step(grad_sq, curv, grad_sq, group["eps"])
         eta = q.eta
-
         bad_eta = ~(torch.isfinite(eta) & (eta > 0))
         flags = (
-            (~torch.isfinite(loss)).long()
+            (~torch.isfinite(loss)).long() * int(loss_known)
             + 2 * (~torch.isfinite(grad_sq)).long()
             + 4 * (~torch.isfinite(curv)).long()
             + 8 * (q.nonpositive_curvature & torch.isfinite(curv)).long()
@@ -262,43 +482,52 @@ class ADLER(torch.optim.Optimizer):
         )
         ok = flags == 0
 
-        beta = self.beta_schedule(self._num_steps) if self.beta_schedule else group["beta"]
+        k = int(st["step"])
+        averaging = group["averaging"]
+        beta = self.beta_schedule(k) if self.beta_schedule else group["beta"]
+        s, c = st["average_numerator"], st["average_denominator"]
         safe_eta = torch.where(ok, eta, torch.ones_like(eta)).to(self._avg_dtype)
-        s_new, c_new = update_average(self._s, self._c, safe_eta, beta, averaging)
-        self._s = torch.where(ok, s_new, self._s)
-        self._c = torch.where(ok, c_new, self._c)
-        eta_hat = average_value(self._s, self._c, averaging)
-        lr = eta_hat
+        s_new, c_new = update_average(s, c, safe_eta, beta, averaging)
+        s, c = torch.where(ok, s_new, s), torch.where(ok, c_new, c)
+        st["average_numerator"], st["average_denominator"] = s, c
+        eta_hat = average_value(s, c, averaging)
+        rate = eta_hat
         if group["max_lr"] is not None:
-            lr = torch.clamp(lr, max=group["max_lr"])
+            rate = torch.clamp(rate, max=group["max_lr"])
         if group["trust_region"] is not None:
-            lr = torch.minimum(lr, group["trust_region"] / torch.sqrt(grad_sq.to(lr.dtype)))
+            rate = torch.minimum(rate, group["trust_region"] / torch.sqrt(grad_sq.to(rate.dtype)))
+        applied = rate * group["lr"]
 
         with torch.no_grad():
-            rate = torch.where(ok, -lr, torch.zeros_like(lr)).to(grads[0].dtype)
+            step = torch.where(ok, -applied, torch.zeros_like(applied)).to(grads[0].dtype)
             if grads[0].device.type == "cpu":
                 if bool(ok):  # free on CPU: no device to synchronize with
-                    torch._foreach_addcmul_(group["params"], grads, [rate] * len(grads))
+                    torch._foreach_addcmul_(group["params"], grads, [step] * len(grads))
             else:
-                # No branch on ok (a host sync): zero the non-finite entries so that a zero
-                # rate gives an exactly zero update (0 · NaN would still poison θ).
-                for g in grads:
-                    g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-                torch._foreach_addcmul_(group["params"], grads, [rate] * len(grads))
+                # No branch on ok (a host sync): add G with non-finite entries zeroed, so that
+                # a zero rate gives an exactly zero update (0 · NaN would still poison θ). The
+                # user's .grad is not modified.
+                clean = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
+                torch._foreach_addcmul_(group["params"], clean, [step] * len(clean))
 
-        self._skips = torch.where(ok, torch.zeros_like(self._skips), self._skips + 1)
-        self._reasons = torch.where(ok, torch.zeros_like(self._reasons), self._reasons | flags)
-        self._num_steps += 1
+        skips = st["consecutive_skips"]
+        st["consecutive_skips"] = torch.where(ok, torch.zeros_like(skips), skips + 1)
+        st["skip_reasons"] = torch.where(
+            ok, torch.zeros_like(st["skip_reasons"]), st["skip_reasons"] | flags
+        )
+        st["step"] = k + 1
         self._check_skips(group["max_consecutive_skips"])
-        return ADLERRecord(loss, eta, lr, grad_sq, curv, ~ok)
+        return ADLERRecord(loss, eta, eta_hat, applied, grad_sq, curv, ~ok)
 
     # ---------------------------------------------------------------------------------------
 
     def _check_skips(self, limit: int | None) -> None:
         if limit is None:
             return
-        if self._skips.device.type != "cuda":
-            self._raise_if_stuck(int(self._skips), int(self._reasons), limit)
+        st = self._adler_state
+        skips, reasons = st["consecutive_skips"], st["skip_reasons"]
+        if skips.device.type != "cuda":
+            self._raise_if_stuck(int(skips), int(reasons), limit)
             return
         # CUDA: read a copy made asynchronously at an earlier step, once it has landed.
         if self._pending is not None:
@@ -307,7 +536,7 @@ class ADLER(torch.optim.Optimizer):
                 return
             self._pending = None
             self._raise_if_stuck(int(host[0]), int(host[1]), limit)
-        host = torch.stack([self._skips, self._reasons]).to("cpu", non_blocking=True)
+        host = torch.stack([skips, reasons]).to("cpu", non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         self._pending = (event, host)
@@ -325,24 +554,12 @@ class ADLER(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        """The optimizer state: options (in ``param_groups``), s_k, c_k, k and the skip count."""
-        state = super().state_dict()
-        state["adler"] = {
-            "num_steps": self._num_steps,
-            "s": self._s.clone(),
-            "c": self._c.clone(),
-            "consecutive_skips": self._skips.clone(),
-            "skip_reasons": self._reasons.clone(),
-        }
-        return state
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`: a resumed run continues exactly where it stopped."""
-        state_dict = dict(state_dict)
-        if "adler" not in state_dict:
-            raise ValueError("This is not an ADLER state dict (it has no 'adler' entry).")
-        adler = state_dict.pop("adler")
+        """Restore a :meth:`state_dict`: a resumed run continues exactly where it stopped.
+
+        Checkpoints of the earlier layout (an ``"adler"`` entry beside ``state``) load too.
+        """
+        state_dict = _upgrade(state_dict)
         saved = state_dict["param_groups"][0]
         if saved.get("has_beta_schedule", False) != (self.beta_schedule is not None):
             raise ValueError(
@@ -352,11 +569,54 @@ class ADLER(torch.optim.Optimizer):
         if saved.get("curvature") not in CURVATURES:
             raise ValueError(f"Unknown curvature {saved.get('curvature')!r} in the state dict.")
         check_averaging(saved.get("averaging"))
+        raw = dict(state_dict["state"][0])
         super().load_state_dict(state_dict)
-        device = self._s.device
-        self._s = adler["s"].to(device=device, dtype=self._avg_dtype).clone()
-        self._c = adler["c"].to(device=device, dtype=self._avg_dtype).clone()
-        self._skips = adler["consecutive_skips"].to(device).clone()
-        self._reasons = adler["skip_reasons"].to(device).clone()
-        self._num_steps = int(adler["num_steps"])
+        # torch casts floating state to the parameter's dtype; the averages stay in theirs.
+        device = self._first.device
+        st = self._adler_state
+        for key in ("average_numerator", "average_denominator"):
+            st[key] = raw[key].to(device=device, dtype=self._avg_dtype).clone()
+        for key in ("consecutive_skips", "skip_reasons"):
+            st[key] = raw[key].to(device=device, dtype=torch.int64).clone()
+        st["step"] = int(raw["step"])
         self._pending = None
+
+
+def _check_lr(lr: Any) -> None:
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0:
+        raise ValueError(
+            f"lr must be a number >= 0 (a multiplier of ADLER's rate η̂_k; 1.0 is the paper's "
+            f"Algorithm 1), got {lr!r}."
+        )
+
+
+def _squared_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """‖G‖² from per-tensor norms: no P-sized temporary (those cost page faults on CPU)."""
+    return torch.stack(torch._foreach_norm(grads)).square().sum()
+
+
+def _upgrade(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A state dict in the current layout; refuses what is not an ADLER state dict."""
+    state_dict = dict(state_dict)
+    if "adler" in state_dict:  # the earlier layout
+        old = state_dict.pop("adler")
+        state_dict["state"] = {
+            0: {
+                "step": int(old["num_steps"]),
+                "average_numerator": old["s"],
+                "average_denominator": old["c"],
+                "consecutive_skips": old["consecutive_skips"],
+                "skip_reasons": old["skip_reasons"],
+            }
+        }
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        for g in groups:
+            g.setdefault("lr", 1.0)
+        state_dict["param_groups"] = groups
+    first = state_dict.get("state", {}).get(0)
+    if not isinstance(first, Mapping) or not all(key in first for key in STATE_KEYS):
+        raise ValueError(
+            "This is not an ADLER state dict (its state has no running average: "
+            f"{', '.join(STATE_KEYS)})."
+        )
+    return state_dict

@@ -348,6 +348,52 @@ class StepSizeEstimator:
             value = self._jacobian_quadratic(gp, direction)
         return value * scale if scale != 1.0 else value
 
+    def curvature_pass(
+        self,
+        inputs: ModelInputs,
+        targets: torch.Tensor,
+        direction: Mapping[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, dᵀCd) on a batch whose gradient was taken elsewhere (the user's own backward).
+
+        Only the curvature term is computed: for ``"ggn"``/``"ef"`` one forward-mode JVP
+        (u = J d, with z alongside) and an output-space product; for ``"hessian"`` a forward +
+        backward with the graph kept and one Hessian-vector product. ``curvature_fraction``
+        applies as in :meth:`curvature_along`. For ``"ef_batch"`` dᵀGNd = (Gᵀd)² needs G, so
+        the caller computes it; this returns NaN for both values then.
+
+        Returns:
+            The loss of the (sub-)batch at θ and dᵀCd, 0-dim tensors.
+        """
+        inputs, targets = self.to_device(inputs, targets)
+        d = dict(direction)
+        first = d[self.param_names[0]]
+        if self.curvature == "ef_batch":
+            nan = torch.full((), math.nan, dtype=first.dtype, device=first.device)
+            return nan, nan
+        n = batch_examples(targets)
+        m = curvature_examples(n, self.curvature_fraction)
+        if m < n:
+            inputs, targets = slice_examples(inputs, slice(None, m)), targets[:m]
+        scale = self.loss_reduction.sub_batch_scale(n, m)
+        if self.curvature == "hessian":
+            leaves = list(self.params.values())
+            with torch.enable_grad():
+                loss = self.loss_reduction(self._forward(inputs), targets)
+                grads = torch.autograd.grad(loss, leaves, create_graph=True)
+            tangents = [d[k] for k in self.param_names]
+            value = hessian_quadratic(grads, leaves, tangents, retain_graph=False)
+            return loss.detach(), value * scale
+        primals = {k: p.detach() for k, p in self.params.items()}
+
+        def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self._f(p, inputs)
+
+        z, u = torch.func.jvp(f, (primals,), (d,))
+        curv = self._output_curvature(z, targets)
+        state = curv.state(z, targets)
+        return state.loss, curv.quadratic_form(state, u) * scale
+
     def _jacobian_quadratic(self, gp: GradientPass, d: dict[str, torch.Tensor]) -> torch.Tensor:
         if gp.jvp_graph is not None:
             u = self._double_backward_jvp(gp, d)
