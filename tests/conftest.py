@@ -23,7 +23,7 @@ THREADS = int(os.environ.get("HESSIAN_LAB_TEST_THREADS", "1"))
 torch.set_num_threads(THREADS)
 
 
-def pytest_report_header(config) -> list[str]:
+def _device_lines() -> list[str]:
     if torch.cuda.is_available():
         devices = f"cpu, cuda ({torch.cuda.get_device_name(0)})"
     else:
@@ -35,3 +35,14 @@ def pytest_report_header(config) -> list[str]:
         f" (HESSIAN_LAB_TEST_THREADS), CPU capability {torch.backends.cpu.get_cpu_capability()}"
         + (f", MKL_ENABLE_INSTRUCTIONS={mkl}" if mkl else ""),
     ]
+
+
+def pytest_report_header(config) -> list[str]:
+    return _device_lines()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    # `pytest -q` (the README's command) hides the header: say it at the end instead.
+    if config.get_verbosity() < 0:
+        for line in _device_lines():
+            terminalreporter.write_line(line)
