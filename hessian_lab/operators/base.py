@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
@@ -67,6 +68,13 @@ class CurvatureOperator(ABC):
         batch_fn: Maps each item of ``data`` to ``(inputs, targets)``, e.g.
             ``lambda b: ({k: v for k, v in b.items() if k != "labels"}, b["labels"])``.
         progress: Show a progress bar over the batches of each pass over a DataLoader.
+        process_group: Data sharded over processes (``torch.distributed``): each process
+            passes its own shard as ``data`` and the operator is that of the whole data set —
+            products, quadratic forms, ``gradient()`` and ``loss()``, weighted with the global
+            example count (or summed class weights) — with one all-reduce per product. Every
+            process must call every method in the same order (they are collectives). Pass
+            ``torch.distributed.group.WORLD`` for all processes; ``None`` (default): one
+            process.
 
     Attributes:
         shape: ``(P, P)``.
@@ -90,6 +98,7 @@ class CurvatureOperator(ABC):
         output_fn: OutputFn | None = None,
         batch_fn: BatchFn | None = None,
         progress: bool = False,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
@@ -125,19 +134,38 @@ class CurvatureOperator(ABC):
             device=self.device,
         )
         self._source = source
-        self.num_examples = source.num_examples
+        if process_group is not None and not dist.is_initialized():
+            raise RuntimeError(
+                "process_group was given but torch.distributed is not initialized: call "
+                "torch.distributed.init_process_group(...) first (torchrun sets the environment)."
+            )
+        self.process_group = process_group
+        self._distributed = process_group is not None and dist.get_world_size(process_group) > 1
+        counts = torch.tensor(
+            [source.num_examples, source.total_denominator, source.num_batches],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        self._all_reduce(counts)  # the whole data set's N, D and batch count, in one collective
+        self.num_examples = int(counts[0])
         #: The loss and its reduction, decided here once and read by every part of the operator.
         self.loss_reduction = LossReduction.of(
-            loss, required=source.num_batches > 1 or self._uses_example_gradients
+            loss, required=int(counts[2]) > 1 or self._uses_example_gradients
         )
         # What the whole-data "mean" divides by (N, or the summed class weights of the targets).
-        self._denominator = source.total_denominator
+        self._denominator = float(counts[1])
         self._states: list[tuple[float, Any]] | None = None
         self._gradient: torch.Tensor | None = None
         self._loss: torch.Tensor | None = None
 
     #: Whether the operator forms per-example gradients (their scale depends on the reduction).
     _uses_example_gradients = False
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` in place over the processes of ``process_group`` (nothing for one)."""
+        if self._distributed:
+            dist.all_reduce(t, group=self.process_group)
+        return t
 
     @property
     def reduction(self) -> str:
@@ -236,7 +264,7 @@ class CurvatureOperator(ABC):
                 else:
                     prod = self._batch_matmat(state, tangents)
                 out.add_(prod, alpha=weight)
-        return out
+        return self._all_reduce(out)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """Return C v for a flat vector v of length P."""
@@ -254,7 +282,7 @@ class CurvatureOperator(ABC):
         with torch.no_grad():
             for weight, state in self._iter_states():
                 total = total + weight * self._batch_quadratic(state, tangent)
-        return total
+        return self._all_reduce(total)
 
     def _gradient_and_loss(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._gradient is None or not self.cache:
@@ -264,6 +292,9 @@ class CurvatureOperator(ABC):
                 batch_loss, batch_grad = self._batch_gradient(state)
                 grad.add_(batch_grad, alpha=weight)
                 loss = loss + weight * batch_loss
+            if self._distributed:  # one collective for both
+                packed = self._all_reduce(torch.cat([grad, loss.reshape(1)]))
+                grad, loss = packed[:-1], packed[-1]
             self._gradient, self._loss = grad, loss
         return self._gradient, self._loss
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,6 +58,7 @@ class EmpiricalFisherOperator(JacobianCurvatureOperator):
         output_fn: OutputFn | None = None,
         batch_fn: BatchFn | None = None,
         progress: bool = False,
+        process_group: Any = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}.")
@@ -74,6 +76,7 @@ class EmpiricalFisherOperator(JacobianCurvatureOperator):
             output_fn=output_fn,
             batch_fn=batch_fn,
             progress=progress,
+            process_group=process_group,
         )
 
     def _output_matrix(self, outputs: torch.Tensor, targets: torch.Tensor) -> OutputCurvature:
