@@ -92,8 +92,8 @@ from hessian_lab.experiments.training import RunSetup, setup_run  # noqa: E402
 PALETTE = OPERATOR_COLORS
 
 #: One CG study point (3 operators x the dampings) in ADLER steps before it is measured (the
-#: defaults on a 2-core CPU: about 400); the bar then uses the measured ratio.
-CG_STUDY_STEPS_GUESS = 400.0
+#: defaults on a 2-core CPU: about 140); the bar then uses the measured ratio.
+CG_STUDY_STEPS_GUESS = 150.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -73,9 +73,9 @@ PALETTE = OPERATOR_COLORS
 PAIRS = [("H", "Q"), ("H", "GN"), ("Q", "GN")]
 
 #: One checkpoint's spectral work in training steps, before it is measured (defaults, measured
-#: on a 2-core CPU: a checkpoint took as long as about 400 ADLER steps); the progress bar
+#: on a 2-core CPU: a checkpoint took as long as about 1200 ADLER steps); the progress bar
 #: replaces it by the measured ratio after the first checkpoint and steps.
-CHECKPOINT_STEPS_GUESS = 400.0
+CHECKPOINT_STEPS_GUESS = 1200.0
 
 
 def digits_cnn(args: argparse.Namespace) -> RunSetup:

@@ -282,7 +282,7 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
             index = [*args.rows, *split]
             wide = table.pivot_table(
                 index=index, columns="optimizer", values="text", aggfunc="first", dropna=False
-            ).dropna(how="all")
+            ).dropna(how="all").fillna("—")
             print(
                 f"\nfinal {args.metric}, mean ± std over {', '.join(args.over)} "
                 "(SGD: best lr of each configuration):"
