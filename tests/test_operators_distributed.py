@@ -8,7 +8,10 @@ shards (≤ 1e-12 relative, float64: the all-reduce only sums in another order).
 
 import os
 import socket
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,3 +137,20 @@ def test_process_group_without_init_is_a_clear_error():
     x, y = _shards(2, "ce_mean")[0]
     with pytest.raises(RuntimeError, match="init_process_group"):
         GGNOperator(_model(), nn.CrossEntropyLoss(), (x, y), process_group=object())
+
+
+def test_torchrun_example_runs_on_two_gloo_processes(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "analyses" / "distributed_spectrum.py"
+    args = ["--examples", "64", "--k", "2", "--probes", "1", "--steps", "8", "--sgd-steps", "2"]
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        + [str(script), *args, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "2 processes (gloo), N = 64" in run.stdout
+    assert run.stdout.count("top-2 eigenvalues") == 2  # H and Q, printed by rank 0 only
+    assert (tmp_path / "density.png").is_file()
