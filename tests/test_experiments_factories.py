@@ -264,33 +264,23 @@ def test_options_that_do_not_apply_are_refused(argv, words, capsys):
         assert word in err
 
 
-def test_adler_lr_refused_or_passed_through(monkeypatch, capsys):
-    from hessian_lab.experiments import optimizers
-
-    if not optimizers.adler_takes_lr():
-        code = main(["train", "--optimizer", "adler", "--lr", "0.1", "--out-dir", "unused"])
-        assert code == 2
-        err = capsys.readouterr().err
-        assert "--lr does not apply" in err and "multiplier of η̂" in err
-        with pytest.raises(ValueError, match="multiplier"):
-            TrainConfig(optimizer="gn", lr=0.5).validate()
-
-    # Once ADLER takes lr (a multiplier of η̂, torch.optim's convention), it is passed through.
-    seen = {}
-
-    class FakeADLER:
-        def __init__(self, model, loss_fn, **kwargs):
-            seen.update(kwargs)
-
-    monkeypatch.setattr(optimizers, "adler_takes_lr", lambda: True)
-    monkeypatch.setattr("hessian_lab.optim.adler.ADLER", FakeADLER)
-    config = TrainConfig(optimizer="adler", lr=0.5).validate()
-    optimizers.build_optimizer(config, torch.nn.Linear(2, 2), torch.nn.CrossEntropyLoss())
-    assert seen["lr"] == 0.5 and seen["curvature"] == "ggn"
+def test_adler_lr_is_a_multiplier_passed_through(tmp_path):
+    # --lr is not ignored for ADLER: it is ADLER's own lr, a multiplier of its rate η̂_k.
+    config = parse("--optimizer", "adler", "--lr", "0.5", "--out-dir", str(tmp_path / "run"))
+    assert config.lr == 0.5 and "-adler-lr0.5-" in config.name
+    assert parse("--optimizer", "gn", "--lr", "1").lr is None  # the default multiplier: same run
+    assert parse("--optimizer", "gn", "--lr", "1").name == parse("--optimizer", "gn").name
+    config.width, config.depth, config.max_train, config.epochs = 4, 1, 64, 1
+    train(config, progress=False)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").open()]
+    assert steps and all(s["applied_lr"] == pytest.approx(0.5 * s["eta_hat"]) for s in steps)
+    with pytest.raises(ValueError, match="positive learning rate"):
+        TrainConfig(optimizer="adler", lr=-1.0).validate()
 
 
 def test_saved_settings_that_do_not_apply_to_a_new_choice_are_dropped(tmp_path):
     TrainConfig(optimizer="sgd", lr=0.1, epochs=2).validate().save(tmp_path / "config.json")
+    # SGD's lr is no multiplier of ADLER's rate: it is not carried over to the new optimizer.
     config = parse("--config", str(tmp_path / "config.json"), "--optimizer", "adler")
     assert config.optimizer == "adler" and config.lr is None and config.epochs == 2
     TrainConfig(model="vit", model_options={"patch_size": 2}).validate().save(tmp_path / "v.json")

@@ -130,6 +130,18 @@ def test_sweep_keys_go_only_where_they_apply(tmp_path):
         load_sweep(write(tmp_path / "b.toml", '[base]\nbeta = 0.9\n[grid]\noptimizer = ["sgd"]\n'))
 
 
+def test_sweep_lr_is_not_shared_between_sgd_and_adler(tmp_path):
+    text = '[base]\nlr = 0.1\n[grid]\noptimizer = ["adler", "sgd"]\n'
+    with pytest.raises(ValueError, match="multiplier of η̂ for adler/gn"):
+        load_sweep(write(tmp_path / "a.toml", text))
+    paired = (
+        '[grid]\nopt = [{ optimizer = "adler", lr = 0.5 }, { optimizer = "sgd" }]\n'
+        "[sgd]\nlrs = [0.1]\n"
+    )
+    configs = expand_grid(load_sweep(write(tmp_path / "b.toml", paired)))
+    assert sorted((c.optimizer, c.lr) for c in configs) == [("adler", 0.5), ("sgd", 0.1)]
+
+
 def test_sweep_names_include_varied_fields_and_hash(tmp_path):
     spec = load_sweep(
         write(tmp_path / "s.toml", '[grid]\nepochs = [1, 2]\noptimizer = ["adler"]\n')

@@ -154,6 +154,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     given_fields = {k for k in given if k not in option_names}
     changed = set(given) - {"device", "name", "out_dir", "log_every", "tensorboard"}
     flags = {f.name: _flag(f) for f in dataclasses.fields(TrainConfig)}
+    if (
+        args.config is not None
+        and "optimizer" in given
+        and "lr" not in given
+        and (given["optimizer"] == "sgd") != (values.get("optimizer") == "sgd")
+    ):
+        # SGD's lr is its learning rate, ADLER's a multiplier of η̂: never carry one over.
+        values["lr"] = None
     if args.config is not None and "model" in given and given["model"] != values.get("model"):
         # Another model: the saved model's settings and options are not this one's.
         for key in ("activation", "width", "depth"):
@@ -280,9 +288,13 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
         if not table.empty:
             split = table.attrs.get("split", [])
             index = [*args.rows, *split]
-            wide = table.pivot_table(
-                index=index, columns="optimizer", values="text", aggfunc="first", dropna=False
-            ).dropna(how="all").fillna("—")
+            wide = (
+                table.pivot_table(
+                    index=index, columns="optimizer", values="text", aggfunc="first", dropna=False
+                )
+                .dropna(how="all")
+                .fillna("—")
+            )
             print(
                 f"\nfinal {args.metric}, mean ± std over {', '.join(args.over)} "
                 "(SGD: best lr of each configuration):"

@@ -172,7 +172,10 @@ class TrainConfig:
         metadata={"choices": OPTIMIZER_NAMES},
     )
     lr: float | None = _f(
-        None, group="optimization", help="SGD learning rate (required for sgd; sgd only)"
+        None,
+        group="optimization",
+        help="sgd: the learning rate (required); adler/gn: a multiplier of ADLER's rate η̂_k "
+        "(torch.optim's lr; default 1, the paper's Algorithm 1)",
     )
     beta: float = _f(0.99, group="optimization", help="ADLER averaging factor β (adler/gn only)")
     eps: float = _f(
@@ -230,18 +233,10 @@ class TrainConfig:
 
         Such a field must keep its default value (:meth:`validate` refuses anything else).
         """
-        from hessian_lab.experiments.optimizers import adler_takes_lr
-
         out: dict[str, str] = {}
         if self.optimizer == "sgd":
             for key in _ADLER_FIELDS:
                 out[key] = "it is a setting of ADLER (optimizer adler or gn), not of sgd"
-        elif self.optimizer in ("adler", "gn") and not adler_takes_lr():
-            out["lr"] = (
-                "ADLER sets its own step size η̂_k; in a coming release ADLER's lr becomes a "
-                "multiplier of η̂ (the torch.optim convention, lr = 1 being the paper). Leave "
-                "lr out, or use optimizer sgd for a fixed learning rate"
-            )
         where = f"dataset {self.dataset!r}"
         if not is_factory_reference(self.dataset):
             out["dataset_options"] = f"{where} is built in and takes no options"
@@ -304,6 +299,8 @@ class TrainConfig:
                 setattr(self, key, float(value))
             elif value is not None and not isinstance(value, float):
                 raise ValueError(f"{key} must be a number, got {value!r}")
+        if self.optimizer in ("adler", "gn") and self.lr == 1.0:
+            self.lr = None  # ADLER's default multiplier: the same run as leaving lr out
         self.synthetic_shape = tuple(self.synthetic_shape)  # type: ignore[assignment]
         if len(self.synthetic_shape) != 3 or not all(
             isinstance(s, int) and s > 0 for s in self.synthetic_shape

@@ -14,8 +14,6 @@ fields), ``columns`` (the keys of that dict, for the logs), and ``state_dict`` /
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +30,6 @@ __all__ = [
     "ADLERStepper",
     "AdlerOption",
     "SGDStepper",
-    "adler_takes_lr",
     "build_optimizer",
     "check_adler_options",
     "parse_option_value",
@@ -169,16 +166,6 @@ def check_adler_options(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def adler_takes_lr() -> bool:
-    """Whether :class:`hessian_lab.optim.ADLER` accepts ``lr`` (a multiplier of η̂)."""
-    try:
-        from hessian_lab.optim.adler import ADLER
-    except ImportError:
-        return False
-    return "lr" in inspect.signature(ADLER).parameters
-
-
 class SGDStepper:
     """Plain SGD (no momentum, no weight decay): ``θ ← θ − lr · G``."""
 
@@ -206,10 +193,12 @@ class SGDStepper:
         self.optimizer.load_state_dict(state)
 
 
+#: The step record's columns for ADLER and GN (those of ``ADLERRecord``, in this order).
+_ADLER_COLUMNS = ("loss", "eta", "eta_hat", "applied_lr", "grad_sq", "curvature", "skipped")
+
+
 class ADLERStepper:
     """ADLER (or its GN variant): SGD with the step size of the local quadratic model."""
-
-    columns: tuple[str, ...] = ("loss", "eta", "eta_hat", "grad_sq", "curvature", "skipped")
 
     def __init__(
         self,
@@ -222,17 +211,19 @@ class ADLERStepper:
         **options: Any,
     ) -> None:
         try:
-            from hessian_lab.optim.adler import ADLER
+            from hessian_lab.optim.adler import ADLER, ADLERRecord
         except ImportError as err:  # layer 5 not installed / not built yet
             raise ImportError(
                 f"the ADLER optimizer is unavailable ({err}); use optimizer 'sgd' meanwhile"
             ) from err
-        if lr is not None:  # only when ADLER takes lr (checked by TrainConfig.validate)
+        if lr is not None:  # a multiplier of η̂ (torch.optim's lr); ADLER's default is 1
             options["lr"] = lr
         self.optimizer = ADLER(model, loss_fn, curvature=curvature, beta=beta, eps=eps, **options)
+        # Log the rate that multiplied G (lr and caps applied) next to the average η̂_k.
+        self.columns = tuple(c for c in _ADLER_COLUMNS if c in ADLERRecord._fields)
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One ADLER step; returns its record's tensors (loss, η_k, η̂_k, GᵀG, GᵀCG, skipped)."""
+        """One ADLER step; its record (loss, η_k, η̂_k, applied rate, GᵀG, GᵀCG, skipped)."""
         rec = self.optimizer.step(inputs, targets)
         return {key: getattr(rec, key) for key in self.columns}
 

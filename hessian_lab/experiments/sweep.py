@@ -292,6 +292,14 @@ def expand_grid(spec: SweepSpec) -> list[TrainConfig]:
                 )
             seen[config.name] = config
             configs.append(config)
+    kinds = {c.optimizer == "sgd" for c in configs}
+    if ("lr" in spec.base or "lr" in spec.grid) and kinds == {True, False}:
+        raise ValueError(
+            f"sweep {spec.name!r}: lr is SGD's learning rate for sgd runs and a multiplier of "
+            "η̂ for adler/gn runs; give SGD's rates in [sgd] lrs, and pair an ADLER multiplier "
+            'with its optimizer, e.g. grid.opt = [{ optimizer = "adler", lr = 0.5 }, '
+            '{ optimizer = "sgd" }]'
+        )
     unused = sorted(given - used - {"name", "out_dir"})
     if unused and configs:
         raise ValueError(
