@@ -18,10 +18,16 @@ _EXPORTS = {
     "load_dataset": "datasets",
     "TrainConfig": "config",
     "train": "training",
+    "setup_run": "training",
+    "RunSetup": "training",
+    "RunFolder": "run_folder",
+    "Callback": "loop",
+    "run_loop": "loop",
     "load_sweep": "sweep",
     "run_sweep": "sweep",
     "collect_runs": "summarize",
     "paper_table": "summarize",
+    "best_sgd_runs": "protocol",
 }
 
 __all__ = sorted(_EXPORTS)

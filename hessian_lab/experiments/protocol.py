@@ -20,11 +20,9 @@
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hessian_lab.experiments.config import BOOKKEEPING_FIELDS, TrainConfig
 from hessian_lab.optim.grid_search import SGD_LEARNING_RATES, best_run
@@ -134,12 +132,3 @@ def best_sgd_runs(runs: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
             index = group.index[0]
         picks.append(index)
     return sgd.loc[picks]
-
-
-def hashable(value: Any) -> Any:
-    """A table cell for grouping: dicts and lists as JSON text, NaN as None."""
-    if isinstance(value, dict | list | tuple):
-        return json.dumps(value, sort_keys=True)
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
