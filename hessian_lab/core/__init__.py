@@ -3,8 +3,9 @@
 from hessian_lab.core.attention import differentiable_attention
 from hessian_lab.core.batches import Batch, BatchFn, BatchSource, batch_examples, is_batch
 from hessian_lab.core.functional_model import functional_model
-from hessian_lab.core.linearization import Linearization
+from hessian_lab.core.linearization import JVP_METHODS, Linearization, auto_jvp_method
 from hessian_lab.core.model_call import (
+    CallArguments,
     ModelInputs,
     OutputFn,
     call_arguments,
@@ -24,13 +25,16 @@ from hessian_lab.core.parameters import (
 from hessian_lab.core.progress import PlainProgress, progress_bar
 
 __all__ = [
+    "JVP_METHODS",
     "Batch",
     "BatchFn",
+    "CallArguments",
     "BatchSource",
     "Linearization",
     "ModelInputs",
     "OutputFn",
     "PlainProgress",
+    "auto_jvp_method",
     "batch_examples",
     "call_arguments",
     "check_model_mode",

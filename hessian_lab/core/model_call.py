@@ -9,15 +9,26 @@ output may be a tensor, or anything with a ``logits`` attribute or key (a Huggin
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from hessian_lab.core.attention import differentiable_attention
 
-#: What a model takes: a tensor, a tuple/list of tensors, or a dict of tensors.
-ModelInputs = torch.Tensor | tuple | list | Mapping[str, Any]
+
+class CallArguments(NamedTuple):
+    """Positional and keyword arguments together, for ``model(*args, **kwargs)``.
+
+    E.g. a Hugging Face call ``model(input_ids, attention_mask=mask)`` recorded by ADLER.
+    """
+
+    args: tuple
+    kwargs: dict
+
+
+#: What a model takes: a tensor, a tuple/list of tensors, a dict of tensors, or both kinds.
+ModelInputs = torch.Tensor | tuple | list | Mapping[str, Any] | CallArguments
 #: Maps a model's output to the tensor z the loss takes.
 OutputFn = Callable[[Any], torch.Tensor]
 
@@ -26,6 +37,8 @@ def is_model_inputs(inputs: Any) -> bool:
     """Whether ``inputs`` is a tensor, or a tuple/list/dict holding at least one tensor."""
     if isinstance(inputs, torch.Tensor):
         return True
+    if isinstance(inputs, CallArguments):
+        return is_model_inputs(inputs.args) or is_model_inputs(inputs.kwargs)
     if isinstance(inputs, Mapping):
         return any(isinstance(v, torch.Tensor) for v in inputs.values())
     if isinstance(inputs, (tuple, list)):
@@ -37,6 +50,8 @@ def call_arguments(inputs: ModelInputs) -> tuple[tuple, dict]:
     """``(args, kwargs)`` for ``model(*args, **kwargs)``: a dict is keywords, a tuple positional."""
     if isinstance(inputs, torch.Tensor):
         return (inputs,), {}
+    if isinstance(inputs, CallArguments):
+        return tuple(inputs.args), dict(inputs.kwargs)
     if isinstance(inputs, Mapping):
         return (), dict(inputs)
     if isinstance(inputs, (tuple, list)):
@@ -53,6 +68,10 @@ def input_tensors(inputs: ModelInputs) -> Iterator[torch.Tensor]:
     if isinstance(inputs, torch.Tensor):
         yield inputs
         return
+    if isinstance(inputs, CallArguments):
+        yield from input_tensors(inputs.args)
+        yield from input_tensors(inputs.kwargs)
+        return
     values = inputs.values() if isinstance(inputs, Mapping) else inputs
     for v in values:
         if isinstance(v, torch.Tensor):
@@ -63,6 +82,8 @@ def move_inputs(inputs: ModelInputs, device: torch.device) -> ModelInputs:
     """The inputs with every tensor on ``device`` (no copy where it is there already)."""
     if isinstance(inputs, torch.Tensor):
         return inputs.to(device)
+    if isinstance(inputs, CallArguments):
+        return CallArguments(move_inputs(inputs.args, device), move_inputs(inputs.kwargs, device))
     if isinstance(inputs, Mapping):
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     moved = [v.to(device) if isinstance(v, torch.Tensor) else v for v in inputs]
@@ -73,6 +94,10 @@ def slice_examples(inputs: ModelInputs, index: slice) -> ModelInputs:
     """The inputs of the examples ``index`` (every tensor sliced along its first dimension)."""
     if isinstance(inputs, torch.Tensor):
         return inputs[index]
+    if isinstance(inputs, CallArguments):
+        return CallArguments(
+            slice_examples(inputs.args, index), slice_examples(inputs.kwargs, index)
+        )
     if isinstance(inputs, Mapping):
         return {k: v[index] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     sliced = [v[index] if isinstance(v, torch.Tensor) else v for v in inputs]

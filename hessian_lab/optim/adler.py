@@ -26,7 +26,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hessian_lab.core import ModelInputs, OutputFn, batch_examples, vector_to_params
+from hessian_lab.core import (
+    CallArguments,
+    ModelInputs,
+    OutputFn,
+    batch_examples,
+    vector_to_params,
+)
 from hessian_lab.optim.averaging import average_value, check_averaging, update_average
 from hessian_lab.optim.distributed import weighted_all_reduce
 from hessian_lab.optim.step_size import (
@@ -123,7 +129,8 @@ class ADLER(torch.optim.Optimizer):
         params: ``None`` for every trainable parameter, or a list of names; the others stay fixed.
         averaging: ``"log"`` or ``"arithmetic"``; ``None`` picks the paper's rule (log for
             ``"ggn"``/``"hessian"``, arithmetic for ``"ef"``/``"ef_batch"``).
-        max_lr: Off by default. Cap the rate: min(η̂_k, max_lr).
+        max_lr: Off by default. Cap the rate: min(η̂_k, max_lr) (kept in the param group as
+            ``"rate_cap"``: schedulers such as ``OneCycleLR`` write their own ``"max_lr"``).
         trust_region: Off by default. Bound the step length: ‖θ_{k+1} − θ_k‖ ≤ trust_region
             (before ``lr``), i.e. the rate is min(η̂_k, Δ/‖G‖) (the paper's future work).
         curvature_fraction: Off by default. Estimate GᵀCG on the first ⌈f·N⌉ examples of the
@@ -224,7 +231,8 @@ class ADLER(torch.optim.Optimizer):
             "beta": float(beta),
             "eps": float(eps),
             "averaging": averaging,
-            "max_lr": max_lr,
+            # Not "max_lr": OneCycleLR and CyclicLR write that key into the param group.
+            "rate_cap": max_lr,
             "trust_region": trust_region,
             "curvature_fraction": curvature_fraction,
             "max_consecutive_skips": max_consecutive_skips,
@@ -325,14 +333,12 @@ class ADLER(torch.optim.Optimizer):
                     "the curvature batch: opt.step(inputs=x, targets=y)."
                 )
             args, kwargs = self._recorded_call
-            if args and kwargs:
-                raise RuntimeError(
-                    "The model's last forward took both positional and keyword arguments, "
-                    "which ADLER cannot replay; pass the batch: opt.step(inputs=x, targets=y)."
-                )
-            if kwargs:
-                labels = kwargs.get("labels")
-                inputs = {k: v for k, v in kwargs.items() if k != "labels"}
+            labels = kwargs.get("labels")
+            kwargs = {k: v for k, v in kwargs.items() if k != "labels"}
+            if args and kwargs:  # e.g. model(input_ids, attention_mask=mask, labels=y)
+                inputs = CallArguments(args, kwargs)
+            elif kwargs:
+                inputs = kwargs
             else:
                 inputs = args[0] if len(args) == 1 else args
         if targets is None:
@@ -377,11 +383,11 @@ class ADLER(torch.optim.Optimizer):
         est.jvp_method = group["jvp_method"]
         _check_lr(group["lr"])
 
-        closure_result = None
+        closure_result, called_closure = None, False
         if callable(closure) and not isinstance(closure, (torch.Tensor, Mapping)):
             with torch.enable_grad():
                 closure_result = closure()
-            closure = None
+            closure, called_closure = None, True
         self._own_pass = True
         try:
             if closure is not None:
@@ -396,7 +402,7 @@ class ADLER(torch.optim.Optimizer):
         finally:
             self._own_pass = False
         self.last_record = record
-        return record if closure_result is None else closure_result
+        return closure_result if called_closure else record
 
     def _step_on_batch(
         self, group: dict[str, Any], inputs: ModelInputs, targets: torch.Tensor
@@ -492,8 +498,8 @@ class ADLER(torch.optim.Optimizer):
         st["average_numerator"], st["average_denominator"] = s, c
         eta_hat = average_value(s, c, averaging)
         rate = eta_hat
-        if group["max_lr"] is not None:
-            rate = torch.clamp(rate, max=group["max_lr"])
+        if group["rate_cap"] is not None:
+            rate = torch.clamp(rate, max=group["rate_cap"])
         if group["trust_region"] is not None:
             rate = torch.minimum(rate, group["trust_region"] / torch.sqrt(grad_sq.to(rate.dtype)))
         applied = rate * group["lr"]
@@ -612,6 +618,7 @@ def _upgrade(state_dict: dict[str, Any]) -> dict[str, Any]:
         groups = [dict(g) for g in state_dict["param_groups"]]
         for g in groups:
             g.setdefault("lr", 1.0)
+            g.setdefault("rate_cap", g.pop("max_lr", None))
         state_dict["param_groups"] = groups
     first = state_dict.get("state", {}).get(0)
     if not isinstance(first, Mapping) or not all(key in first for key in STATE_KEYS):
