@@ -184,7 +184,7 @@ def test_both_jvp_methods_match_dense(name, curvature, fraction, method):
 
 
 def test_auto_jvp_method_follows_the_layers():
-    from hessian_lab.optim.step_size import auto_jvp_method
+    from hessian_lab.core import auto_jvp_method
 
     assert auto_jvp_method(_model("mlp_ln")) == "double_backward"
     assert auto_jvp_method(_model("vit")) == "double_backward"  # patch conv: kernel == stride

@@ -1,7 +1,21 @@
 """The network linearized at θ on one batch: z = f(x; θ), u = J v (JVP) and Jᵀ w (VJP).
 
 Built once per batch and reused for every vector, so a product costs one tangent pass and one
-backward instead of a fresh forward each time (DESIGN.md §5).
+backward instead of a fresh forward each time (DESIGN.md §5). Two ways to get u = J v:
+
+* ``"double_backward"``: the forward's graph is kept and g(w) = Jᵀw is built once by a backward
+  with ``create_graph=True`` at a placeholder w; since g is linear in w, u = ∂(g(w)·v)/∂w is one
+  more backward through it. No primal recomputation and no tracing, so the first product costs
+  what the later ones do; reverse-over-reverse, exact through LayerNorm (DESIGN.md §6). Measured
+  (one thread, MLP 784-256-256-10, batch 512): 0.5 gradients per JVP, the same as a traced one.
+* ``"forward"``: forward-mode ``torch.func.jvp``, which recomputes the primal (about 1.2–1.3
+  gradients), traced once with ``torch.func.linearize`` from the second JVP on (then about 0.3–0.5
+  gradients; the trace costs about 4 gradients on the CNN of ``analyses/benchmark_operators.py``
+  in a warm process, more in the process's first). PyTorch's convolution double backward does
+  about 40% more convolutions than a tangent pass needs (2 gradients per JVP on that CNN), so
+  convolutional networks use this.
+
+:func:`auto_jvp_method` chooses between them from the model's layers.
 """
 
 from __future__ import annotations
@@ -11,6 +25,25 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch import nn
+
+JVP_METHODS = ("auto", "forward", "double_backward")
+
+
+def auto_jvp_method(module: nn.Module) -> str:
+    """The faster way to get u = J v for this model, from measurements (docs/operators.md).
+
+    Convolutional nets (a trainable convolution whose kernel differs from its stride) use forward
+    mode; everything else (linear layers, attention, LayerNorm, a patch-embedding convolution
+    whose kernel equals its stride) is cheaper by double backward, which reuses the forward.
+    """
+    for mod in module.modules():
+        if isinstance(mod, nn.modules.conv._ConvNd) and any(
+            p.requires_grad for p in mod.parameters(recurse=False)
+        ):
+            if tuple(mod.kernel_size) != tuple(mod.stride):
+                return "forward"
+    return "double_backward"
 
 
 class Linearization:
@@ -20,13 +53,15 @@ class Linearization:
         f: Pure model function ``f(params, inputs) -> outputs``.
         params: The point θ (detached tensors keyed by name).
         inputs: The batch's inputs x (a tensor, a tuple of tensors or a dict of tensors).
-        linearize: From the second JVP on, trace the JVP once with ``torch.func.linearize`` so
-            that later JVPs skip the primal computation. Tracing costs about two gradients, so
-            the first JVP uses ``torch.func.jvp`` (an operator used once never pays for it).
-            ``False`` always uses ``torch.func.jvp`` (less memory).
+        linearize: With ``method="forward"``, trace the JVP with ``torch.func.linearize`` from
+            the second JVP on, so that later JVPs skip the primal computation (an operator used
+            once never pays for the trace). ``False`` always uses ``torch.func.jvp``.
+        method: ``"double_backward"`` or ``"forward"`` (module docstring). Where double backward
+            is not available for an operation, the JVPs fall back to forward mode.
 
     Attributes:
         outputs: z = f(x; θ), detached.
+        method: The JVP method in use.
     """
 
     def __init__(
@@ -35,19 +70,39 @@ class Linearization:
         params: Mapping[str, torch.Tensor],
         inputs: Any,
         linearize: bool = True,
+        method: str = "forward",
     ) -> None:
-        params = dict(params)
+        if method not in ("forward", "double_backward"):
+            raise ValueError(f"method={method!r} is not 'forward' or 'double_backward'.")
+        params = {n: p.detach() for n, p in params.items()}
 
         def g(p: dict[str, torch.Tensor]) -> torch.Tensor:
             return f(p, inputs)
 
-        self._g, self._params = g, params
-        with torch.enable_grad():
-            outputs, self._vjp_fn = torch.func.vjp(g, params)
-        self.outputs = outputs.detach()
+        self._g, self._params, self.method = g, params, method
         self._linearize = linearize
         self._jvp_calls = 0
         self._jvp_fn: Callable | None = None
+        self._leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        with torch.enable_grad():
+            z = g(self._leaves)
+            self._z = z
+            self._w: torch.Tensor | None = None
+            self._gw: list[tuple[str, torch.Tensor]] = []
+            if method == "double_backward":
+                self._w = torch.zeros_like(z, requires_grad=True)
+                grads = torch.autograd.grad(
+                    z, list(self._leaves.values()), self._w, create_graph=True, allow_unused=True
+                )
+                # Jᵀw as a function of w; parameters z does not depend on have a zero row of J.
+                self._gw = [
+                    (n, gi)
+                    for n, gi in zip(self._leaves, grads, strict=True)
+                    if gi is not None and gi.requires_grad
+                ]
+        self.outputs = z.detach()
+
+    # ---------------------------------------------------------------------------------------
 
     def _linearized(self) -> Callable | None:
         self._jvp_calls += 1
@@ -63,17 +118,42 @@ class Linearization:
                     self._linearize = False
         return self._jvp_fn
 
-    def jvp(self, tangents: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Return u = J v for one tangent (parameter-shaped dict); shape of z."""
+    def _forward_jvp(self, tangents: Mapping[str, torch.Tensor]) -> torch.Tensor:
         jvp_fn = self._linearized()
         if jvp_fn is not None:
             return jvp_fn(dict(tangents))
         return torch.func.jvp(self._g, (self._params,), (dict(tangents),))[1]
 
+    def _double_backward_jvp(self, tangents: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        assert self._w is not None
+        if not self._gw:
+            return torch.zeros_like(self.outputs)
+        with torch.enable_grad():
+            (u,) = torch.autograd.grad(
+                [gi for _, gi in self._gw],
+                self._w,
+                [tangents[n] for n, _ in self._gw],
+                retain_graph=True,
+                allow_unused=True,
+            )
+        return torch.zeros_like(self.outputs) if u is None else u
+
+    def jvp(self, tangents: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Return u = J v for one tangent (parameter-shaped dict); shape of z."""
+        if self.method == "double_backward":
+            try:
+                return self._double_backward_jvp(tangents)
+            except (RuntimeError, NotImplementedError):
+                # An operation without double backward: forward mode from now on.
+                self.method, self._gw, self._w = "forward", [], None
+        return self._forward_jvp(tangents)
+
     def jvp_batched(self, tangents: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Return ``[k, *z.shape]`` for k tangents given as ``[k, *shape]`` tensors."""
-        if next(iter(tangents.values())).shape[0] == 1:
-            return self.jvp({n: t[0] for n, t in tangents.items()}).unsqueeze(0)
+        k = next(iter(tangents.values())).shape[0]
+        if k == 1 or self.method == "double_backward":
+            # Double backward: a loop measured as fast as is_grads_batched per column.
+            return torch.stack([self.jvp({n: t[i] for n, t in tangents.items()}) for i in range(k)])
         jvp_fn = self._linearized()  # decided outside vmap: tracing must not run under it
         if jvp_fn is None:
 
@@ -84,10 +164,20 @@ class Linearization:
 
     def vjp(self, cotangent: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return Jᵀ w for one output-shaped cotangent w, as a parameter-shaped dict."""
-        return self._vjp_fn(cotangent)[0]
+        with torch.enable_grad():
+            grads = torch.autograd.grad(
+                self._z,
+                list(self._leaves.values()),
+                cotangent,
+                retain_graph=True,
+                allow_unused=True,
+            )
+        return {
+            n: torch.zeros_like(p) if gi is None else gi
+            for (n, p), gi in zip(self._leaves.items(), grads, strict=True)
+        }
 
     def vjp_batched(self, cotangents: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return Jᵀ w for k cotangents ``[k, *z.shape]``; values are ``[k, *shape]``."""
-        if cotangents.shape[0] == 1:
-            return {n: t.unsqueeze(0) for n, t in self.vjp(cotangents[0]).items()}
-        return torch.func.vmap(self.vjp)(cotangents)
+        cols = [self.vjp(c) for c in cotangents]  # a loop: measured faster than batched grads
+        return {n: torch.stack([c[n] for c in cols]) for n in self._leaves}

@@ -18,10 +18,12 @@ from scipy.sparse.linalg import LinearOperator
 from torch import nn
 
 from hessian_lab.core import (
+    JVP_METHODS,
     Batch,
     BatchFn,
     BatchSource,
     OutputFn,
+    auto_jvp_method,
     check_model_mode,
     functional_model,
     input_tensors,
@@ -75,6 +77,12 @@ class CurvatureOperator(ABC):
             process must call every method in the same order (they are collectives). Pass
             ``torch.distributed.group.WORLD`` for all processes; ``None`` (default): one
             process.
+        jvp_method: How Q and GN compute u = J v: ``"double_backward"`` (a backward through
+            the kept graph of Jᵀw: no primal recomputation, no tracing), ``"forward"``
+            (``torch.func.jvp``, traced by ``torch.func.linearize`` from the second product on
+            when cached), or ``"auto"``: forward for convolutional networks, whose double
+            backward is slow in PyTorch, double backward otherwise (measured,
+            :mod:`hessian_lab.core.linearization`).
 
     Attributes:
         shape: ``(P, P)``.
@@ -99,6 +107,7 @@ class CurvatureOperator(ABC):
         batch_fn: BatchFn | None = None,
         progress: bool = False,
         process_group: dist.ProcessGroup | None = None,
+        jvp_method: str = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
@@ -122,6 +131,10 @@ class CurvatureOperator(ABC):
             has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
             matmat = "loop" if has_conv and self.device.type == "cpu" else "vmap"
         self.matmat_mode = matmat
+        if jvp_method not in JVP_METHODS:
+            raise ValueError(f"jvp_method={jvp_method!r} is not one of {JVP_METHODS}.")
+        #: How Q and GN get u = J v: "double_backward" or "forward" (core.linearization).
+        self.jvp_method = auto_jvp_method(model) if jvp_method == "auto" else jvp_method
 
         self.cache = BatchSource.in_memory(data, batch_fn) if cache is None else bool(cache)
         if self.cache and not BatchSource.in_memory(data, batch_fn) and isinstance(data, Iterable):

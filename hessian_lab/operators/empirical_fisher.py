@@ -59,6 +59,7 @@ class EmpiricalFisherOperator(JacobianCurvatureOperator):
         batch_fn: BatchFn | None = None,
         progress: bool = False,
         process_group: Any = None,
+        jvp_method: str = "auto",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}.")
@@ -77,6 +78,7 @@ class EmpiricalFisherOperator(JacobianCurvatureOperator):
             batch_fn=batch_fn,
             progress=progress,
             process_group=process_group,
+            jvp_method=jvp_method,
         )
 
     def _output_matrix(self, outputs: torch.Tensor, targets: torch.Tensor) -> OutputCurvature:

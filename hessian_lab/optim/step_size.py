@@ -42,8 +42,10 @@ import torch
 from torch import nn
 
 from hessian_lab.core import (
+    JVP_METHODS,
     ModelInputs,
     OutputFn,
+    auto_jvp_method,
     batch_examples,
     check_model_mode,
     forward,
@@ -64,25 +66,6 @@ from hessian_lab.output_curvature import (
 )
 
 CURVATURES = ("ggn", "ef", "ef_batch", "hessian")
-JVP_METHODS = ("auto", "forward", "double_backward")
-
-
-def auto_jvp_method(module: nn.Module) -> str:
-    """The faster way to get u = J d for this model, from measurements (docs/optimizer.md).
-
-    PyTorch's double backward of an overlapping convolution (``_convolution_double_backward``)
-    does about 40% more convolutions than the two a tangent pass needs, so convolutional nets
-    use forward mode; everything else (linear layers, attention, LayerNorm, a patch-embedding
-    convolution whose kernel equals its stride) is cheaper by double backward, which reuses the
-    gradient pass's forward instead of recomputing the primal.
-    """
-    for mod in module.modules():
-        if isinstance(mod, nn.modules.conv._ConvNd) and any(
-            p.requires_grad for p in mod.parameters(recurse=False)
-        ):
-            if tuple(mod.kernel_size) != tuple(mod.stride):
-                return "forward"
-    return "double_backward"
 
 
 class StepSize(NamedTuple):
