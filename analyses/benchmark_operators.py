@@ -4,8 +4,20 @@ For each model the unit is the time of one gradient (forward + backward of the l
 batch; every other row is a ratio to it, all measured in one run:
 
 * ``new op + 1 product``: build an operator on the batch and do one product (nothing cached);
+* ``first 20 (mean)`` / ``first 100 (mean)``: build a new operator and do 20 (100) products with
+  different vectors, the mean cost per product with the construction included — what an
+  ``eigsh`` of 20 steps or a longer Lanczos run pays;
 * ``amortized product``: the fastest of ``--products`` products on one operator;
-* ``matmat(16) / column``: a 16-column ``matmat`` divided by 16.
+* ``matmat(16) / column``: a 16-column ``matmat`` divided by 16;
+* ``process's first product``: in a fresh Python process, the first operator's construction and
+  first product (one-time warm-ups included) over a gradient measured afterwards in that process.
+
+``--memory`` measures instead the peak memory of building an operator, of its first and of its
+second product (the second may trace the JVP), with the cache on and off, as a multiple of the
+peak memory of one gradient step (forward + backward), on a ResNet-18-sized network (11M
+parameters, 32×32 inputs, batch 32, BatchNorm in eval mode). Each figure comes from its own fresh
+process: on CPU the growth of the peak resident set size (``ru_maxrss``) over the process's size
+after building the model and the batch; on CUDA ``torch.cuda.max_memory_allocated``.
 
 When ``curvlinops-for-pytorch`` is importable, the same rows are measured for its GGN, Hessian
 and empirical-Fisher operators (``check_deterministic=False``, so its construction does not run
@@ -19,6 +31,9 @@ machine inflates it least. Run: ``python analyses/benchmark_operators.py --threa
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -47,6 +62,42 @@ def cnn() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     return model, (torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,)))
 
 
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3×3 convolutions and a shortcut (1×1 when the shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet18(batch_size: int = 32) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """ResNet-18 for 32×32 inputs (CIFAR layout: 3×3 stem, no max-pool), 10 classes, 11.2M."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10)]
+    model = nn.Sequential(*layers).eval()  # BatchNorm with running statistics
+    batch = (torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,)))
+    return model, batch
+
+
+MODELS = {"mlp": mlp, "cnn": cnn}
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -64,9 +115,105 @@ def best_time(fn: Callable[[], object], device: torch.device, repeats: int) -> f
     return min(times)  # the least-disturbed run: other processes only ever add time
 
 
+def mean_of_first(
+    make: Callable, model: nn.Module, loss: nn.Module, batch, vs: torch.Tensor, k: int, device
+) -> float:
+    """Mean time per product of a new operator's first k products, construction included."""
+    sync(device)
+    t0 = time.perf_counter()
+    op = make(model, loss, batch)
+    for i in range(k):
+        op @ vs[i]
+    sync(device)
+    return (time.perf_counter() - t0) / k
+
+
+def first_product_in_a_fresh_process(model_name: str, library: str, kind: str, args) -> float:
+    """Run this script in a new process for one (model, library, operator): its first product."""
+    command = [sys.executable, __file__, "--first-product", model_name, library, kind]
+    command += ["--threads", str(args.threads), "--device", args.device]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["ratio"]
+
+
+def _first_product_child(model_name: str, library: str, kind: str, device: torch.device) -> None:
+    torch.manual_seed(0)
+    model, batch = MODELS[model_name]()
+    model = model.to(device)
+    batch = tuple(t.to(device) for t in batch)
+    loss = nn.CrossEntropyLoss()
+    make = (ours if library == "hessian_lab" else peer)(kind)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), device=device)
+    sync(device)
+    t0 = time.perf_counter()
+    make(model, loss, batch) @ v
+    sync(device)
+    first = time.perf_counter() - t0
+    params = list(model.parameters())
+    unit = best_time(
+        lambda: torch.autograd.grad(loss(model(batch[0]), batch[1]), params), device, 5
+    )
+    print(json.dumps({"ratio": first / unit}))
+
+
+def _peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def _memory_child(what: str, cache: str, device: torch.device) -> None:
+    """In a fresh process: the peak memory growth of one gradient step or of an operator."""
+    torch.manual_seed(0)
+    model, batch = resnet18()
+    model = model.to(device)
+    batch = tuple(t.to(device) for t in batch)
+    loss = nn.CrossEntropyLoss()
+    base = _peak_bytes(device)
+    out: dict[str, float] = {}
+    if what == "gradient":
+        torch.autograd.grad(loss(model(batch[0]), batch[1]), list(model.parameters()))
+        out["step"] = _peak_bytes(device) - base
+    else:
+        op = ours(what)(model, loss, batch, cache=cache == "on")
+        out["build"] = _peak_bytes(device) - base
+        v = torch.randn(op.shape[0], device=device)
+        op @ v
+        out["product 1"] = _peak_bytes(device) - base
+        op @ v
+        out["product 2"] = _peak_bytes(device) - base
+    print(json.dumps(out))
+
+
+def memory_table(args) -> None:
+    """Print the ``--memory`` table (module docstring)."""
+
+    def child(what: str, cache: str) -> dict[str, float]:
+        command = [sys.executable, __file__, "--memory-child", what, cache]
+        command += ["--threads", str(args.threads), "--device", args.device]
+        result = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        return json.loads(result.strip().splitlines()[-1])
+
+    step = child("gradient", "-")["step"]
+    model, _ = resnet18()
+    P = sum(p.numel() for p in model.parameters())
+    print(f"\n### Peak memory, ResNet-18 (P={P}), batch 32 of 3x32x32, device {args.device}")
+    print(f"one gradient step: {step / 2**20:.0f} MiB above the model and the batch\n")
+    print("| operator | cache | build | first product | second product |")
+    print("|---|---|---:|---:|---:|")
+    for kind in ("H", "Q", "GN"):
+        for cache in ("on", "off"):
+            m = child(kind, cache)
+            cells = " | ".join(f"{m[k] / step:.2f}" for k in ("build", "product 1", "product 2"))
+            print(f"| {kind} | {cache} | {cells} |")
+    print("\n(multiples of one gradient step's peak memory)")
+
+
 def ours(kind: str) -> Callable:
     cls = {"H": HessianOperator, "Q": GGNOperator, "GN": EmpiricalFisherOperator}[kind]
-    return lambda model, loss, batch: cls(model, loss, batch)
+    return lambda model, loss, batch, **kwargs: cls(model, loss, batch, **kwargs)
 
 
 def peer(kind: str) -> Callable | None:
@@ -84,7 +231,9 @@ def peer(kind: str) -> Callable | None:
     )
 
 
-def benchmark(name: str, model: nn.Module, batch, device: torch.device, args) -> list[dict]:
+def benchmark(
+    name: str, short: str, model: nn.Module, batch, device: torch.device, args
+) -> list[dict]:
     model = model.to(device)
     batch = tuple(t.to(device) for t in batch)
     loss = nn.CrossEntropyLoss()
@@ -106,12 +255,24 @@ def benchmark(name: str, model: nn.Module, batch, device: torch.device, args) ->
             if make is None:
                 continue
             first = best_time(lambda make=make: make(model, loss, batch) @ v, device, args.repeats)
+            vs = torch.randn(100, P, device=device)
+            first_20 = min(
+                mean_of_first(make, model, loss, batch, vs, 20, device) for _ in range(3)
+            )
+            first_100 = min(
+                mean_of_first(make, model, loss, batch, vs, 100, device) for _ in range(2)
+            )
             op = make(model, loss, batch)
             op @ v  # fills any cache
             amortized = best_time(lambda op=op: op @ v, device, args.products)
             per_col = best_time(lambda op=op: op @ V, device, max(3, args.repeats // 2)) / 16
+            # Already a ratio (to the child's own gradient): scaled back to seconds for the rows.
+            fresh = first_product_in_a_fresh_process(short, library, kind, args) * unit
             for row, value in (
+                ("process's first product", fresh),
                 ("new op + 1 product", first),
+                ("first 20 (mean)", first_20),
+                ("first 100 (mean)", first_100),
                 ("amortized product", amortized),
                 ("matmat(16) / column", per_col),
             ):
@@ -133,16 +294,32 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per row")
     parser.add_argument("--products", type=int, default=50, help="products on one operator")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument(
+        "--first-product", nargs=3, metavar=("MODEL", "LIBRARY", "OP"), help=argparse.SUPPRESS
+    )  # the child process of "process's first product"
+    parser.add_argument("--memory", action="store_true", help="the peak-memory table instead")
+    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.first_product:
+        _first_product_child(*args.first_product, device)
+        return
+    if args.memory_child:
+        _memory_child(*args.memory_child, device)
+        return
+    if args.memory:
+        memory_table(args)
+        return
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     rows = []
-    for name, build in (("MLP 784-256-256-10 tanh, N=512", mlp), ("CNN 3x32x32, N=128", cnn)):
+    names = {"mlp": "MLP 784-256-256-10 tanh, N=512", "cnn": "CNN 3x32x32, N=128"}
+    for short, build in MODELS.items():
+        torch.manual_seed(0)
         model, batch = build()
-        rows += benchmark(name, model, batch, device, args)
+        rows += benchmark(names[short], short, model, batch, device, args)
 
     # One Markdown table per model: rows x (library, op), ratios to one gradient.
     for name in dict.fromkeys(r["model"] for r in rows):
@@ -152,7 +329,14 @@ def main() -> None:
         cols = [(r["library"], r["op"]) for r in mine[1:] if r["row"] == "amortized product"]
         print("| ratio to one gradient | " + " | ".join(f"{lib} {op}" for lib, op in cols) + " |")
         print("|---|" + "---:|" * len(cols))
-        for row in ("new op + 1 product", "amortized product", "matmat(16) / column"):
+        for row in (
+            "process's first product",
+            "new op + 1 product",
+            "first 20 (mean)",
+            "first 100 (mean)",
+            "amortized product",
+            "matmat(16) / column",
+        ):
             vals = {(r["library"], r["op"]): r["value"] for r in mine if r["row"] == row}
             print(f"| {row} | " + " | ".join(f"{vals[c]:.2f}" for c in cols) + " |")
 

@@ -58,6 +58,11 @@ class Linearization:
             once never pays for the trace). ``False`` always uses ``torch.func.jvp``.
         method: ``"double_backward"`` or ``"forward"`` (module docstring). Where double backward
             is not available for an operation, the JVPs fall back to forward mode.
+        trace_limit_bytes: Trace only when the activations the forward keeps for its backward
+            (:attr:`activation_bytes`, counted with saved-tensor hooks) are at most this many
+            bytes: the trace holds constants of its own, measured at about 6× those
+            activations (a cached product of a ResNet-18 on 32 images of 32×32 went from 1.8
+            to 4.7 gradient steps' peak memory with the trace). ``None``: no limit.
 
     Attributes:
         outputs: z = f(x; θ), detached.
@@ -71,6 +76,7 @@ class Linearization:
         inputs: Any,
         linearize: bool = True,
         method: str = "forward",
+        trace_limit_bytes: int | None = None,
     ) -> None:
         if method not in ("forward", "double_backward"):
             raise ValueError(f"method={method!r} is not 'forward' or 'double_backward'.")
@@ -81,11 +87,24 @@ class Linearization:
 
         self._g, self._params, self.method = g, params, method
         self._linearize = linearize
+        self._trace_limit = trace_limit_bytes
         self._jvp_calls = 0
         self._jvp_fn: Callable | None = None
         self._leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-        with torch.enable_grad():
+        param_storages = {p.untyped_storage().data_ptr() for p in params.values()}
+        saved: dict[int, int] = {}
+
+        def count(t: torch.Tensor) -> torch.Tensor:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in param_storages:
+                saved[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
             z = g(self._leaves)
+        #: Bytes of the activations the forward's graph keeps (a trace holds about 6× this).
+        self.activation_bytes = sum(saved.values())
+        with torch.enable_grad():
             self._z = z
             self._w: torch.Tensor | None = None
             self._gw: list[tuple[str, torch.Tensor]] = []
@@ -106,7 +125,8 @@ class Linearization:
 
     def _linearized(self) -> Callable | None:
         self._jvp_calls += 1
-        if self._jvp_fn is None and self._linearize and self._jvp_calls > 1:
+        within_limit = self._trace_limit is None or self.activation_bytes <= self._trace_limit
+        if self._jvp_fn is None and self._linearize and within_limit and self._jvp_calls > 1:
             with warnings.catch_warnings():
                 # linearize's constant folding warns about attributes it does not need.
                 warnings.filterwarnings("ignore", message="Attempted to insert a get_attr")

@@ -56,9 +56,10 @@ class CurvatureOperator(ABC):
             ``True`` with a DataLoader reads it once into memory; ``False`` saves memory.
         allow_train_mode: Accept BatchNorm/Dropout layers in train mode.
         matmat: How ``matmat`` batches k vectors: ``"vmap"`` (``torch.func.vmap`` over the
-            product), ``"loop"`` (one product per column), or ``"auto"``: a loop for models with
-            convolutions on CPU, where vmapped convolution JVPs/VJPs measured 2-3× slower per
-            column than single products (see ``analyses/benchmark_operators.py``), else vmap.
+            product), ``"loop"`` (one product per column, each reusing the cached batch state),
+            or ``"auto"``: a loop on CPU, where it measured fastest per column for H, Q and GN
+            on an MLP and a CNN (``analyses/benchmark_operators.py``, docs/operators.md), vmap
+            elsewhere.
         reduction: For a plain callable loss without a ``reduction`` attribute: ``"mean"`` if it
             averages over the examples of a batch, ``"sum"`` if it sums. Required when it
             matters (several batches, or GN's per-example gradients); ``nn`` losses carry it.
@@ -83,6 +84,12 @@ class CurvatureOperator(ABC):
             when cached), or ``"auto"``: forward for convolutional networks, whose double
             backward is slow in PyTorch, double backward otherwise (measured,
             :mod:`hessian_lab.core.linearization`).
+        trace_limit_bytes: With forward-mode JVPs and the cache on, the JVP is traced (from the
+            second product on) only for batches whose kept activations are at most this many
+            bytes (default 64 MiB): the trace makes later JVPs 2–4× cheaper but holds its own
+            constants, measured at about 6× the activations on a ResNet-18 (a cached product's
+            peak memory went from 1.8 to 4.7 gradient steps'). ``None``: always trace; ``0``:
+            never.
 
     Attributes:
         shape: ``(P, P)``.
@@ -108,6 +115,7 @@ class CurvatureOperator(ABC):
         progress: bool = False,
         process_group: dist.ProcessGroup | None = None,
         jvp_method: str = "auto",
+        trace_limit_bytes: int | None = 64 * 2**20,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
@@ -128,13 +136,13 @@ class CurvatureOperator(ABC):
         if matmat not in ("auto", "vmap", "loop"):
             raise ValueError(f"matmat={matmat!r} is not one of 'auto', 'vmap', 'loop'.")
         if matmat == "auto":
-            has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-            matmat = "loop" if has_conv and self.device.type == "cpu" else "vmap"
+            matmat = "loop" if self.device.type == "cpu" else "vmap"
         self.matmat_mode = matmat
         if jvp_method not in JVP_METHODS:
             raise ValueError(f"jvp_method={jvp_method!r} is not one of {JVP_METHODS}.")
         #: How Q and GN get u = J v: "double_backward" or "forward" (core.linearization).
         self.jvp_method = auto_jvp_method(model) if jvp_method == "auto" else jvp_method
+        self.trace_limit_bytes = trace_limit_bytes
 
         self.cache = BatchSource.in_memory(data, batch_fn) if cache is None else bool(cache)
         if self.cache and not BatchSource.in_memory(data, batch_fn) and isinstance(data, Iterable):

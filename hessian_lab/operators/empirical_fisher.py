@@ -60,6 +60,7 @@ class EmpiricalFisherOperator(JacobianCurvatureOperator):
         progress: bool = False,
         process_group: Any = None,
         jvp_method: str = "auto",
+        trace_limit_bytes: int | None = 64 * 2**20,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {MODES}.")
@@ -79,6 +80,7 @@ class EmpiricalFisherOperator(JacobianCurvatureOperator):
             progress=progress,
             process_group=process_group,
             jvp_method=jvp_method,
+            trace_limit_bytes=trace_limit_bytes,
         )
 
     def _output_matrix(self, outputs: torch.Tensor, targets: torch.Tensor) -> OutputCurvature:

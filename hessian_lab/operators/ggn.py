@@ -36,7 +36,12 @@ class JacobianCurvatureOperator(CurvatureOperator):
     def _batch_state(self, inputs: Any, targets: torch.Tensor) -> JacobianState:
         """Forward once, keep the VJP closure, the linearized JVP and M's factors."""
         lin = Linearization(
-            self._f, self._params, inputs, linearize=self.cache, method=self.jvp_method
+            self._f,
+            self._params,
+            inputs,
+            linearize=self.cache,
+            method=self.jvp_method,
+            trace_limit_bytes=self.trace_limit_bytes,
         )
         curvature = self._output_matrix(lin.outputs, targets)
         return JacobianState(lin, curvature, curvature.state(lin.outputs, targets))

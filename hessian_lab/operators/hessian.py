@@ -81,10 +81,12 @@ class HessianOperator(CurvatureOperator):
     Products are double backward through a gradient graph built once per batch: H v =
     ∂(∇h · v)/∂θ. We do not use ``torch.func.hessian`` or reverse-over-forward, which return
     wrong Hessians through LayerNorm in torch 2.13 (DESIGN.md §6); double backward agrees with
-    finite differences to 1e-10 there. ``k`` products at once (``matmat_mode="vmap"``) use
-    forward-over-reverse, ``vmap(jvp(grad(h)))``, also exact through LayerNorm and measured
-    1.3 instead of 1.7-1.9 gradients per column on a dense MLP; where forward mode fails
-    (``MSELoss("mean")`` in torch 2.13) they fall back to ``is_grads_batched`` double backward,
+    finite differences to 1e-10 there. ``matmat`` loops over the columns on CPU (the default),
+    each one double backward through the cached graph: measured 1.2-1.3 gradients per column on
+    the MLP of ``analyses/benchmark_operators.py`` against 1.4-1.6 for vmapped
+    forward-over-reverse. ``matmat_mode="vmap"`` (the default off the CPU) uses
+    ``vmap(jvp(grad(h)))``, also exact through LayerNorm; where forward mode fails
+    (``MSELoss("mean")`` in torch 2.13) it falls back to ``is_grads_batched`` double backward,
     and to a loop where an operation has no batching rule.
     See :class:`CurvatureOperator` for arguments.
     """
