@@ -1,4 +1,5 @@
-"""The README's Python examples run and print what the README shows, to the printed precision.
+"""The README's Python examples (and docs/your_model.md's) run and print what they show, to the
+printed precision.
 
 A ```python block followed by a ```text block must print that text. Both are split into words and
 numbers, and compared token by token:
@@ -25,7 +26,10 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+#: Documents whose every ```python block is a complete, runnable example.
+DOCUMENTS = (README, ROOT / "docs" / "your_model.md")
 
 BLOCK = re.compile(
     r"```python\n(?P<code>.*?)```\s*"
@@ -39,13 +43,21 @@ BAND = re.compile(r"(\w+)\s*±\s*(\d+)")
 LAST_DIGITS = 2  # units of the last written digit a decimal number may move
 
 
-def examples() -> list[tuple[str, str, dict[str, int]]]:
+def examples(document: Path = README) -> list[tuple[str, str, dict[str, int]]]:
     """(```python block, the ```text block right after it or "", its integer bands by label)."""
     out = []
-    for m in BLOCK.finditer(README.read_text()):
+    for m in BLOCK.finditer(document.read_text()):
         bands = {label: int(width) for label, width in BAND.findall(m["bands"] or "")}
         out.append((m["code"], m["expected"] or "", bands))
     return out
+
+
+def all_examples() -> list:
+    return [
+        pytest.param(doc, *example, id=f"{doc.name}-{i}")
+        for doc in DOCUMENTS
+        for i, example in enumerate(examples(doc))
+    ]
 
 
 def tokens(text: str) -> list[str]:
@@ -88,18 +100,18 @@ def mismatches(printed: str, expected: str, bands: dict[str, int]) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("code,expected,bands", examples())
-def test_readme_example(code: str, expected: str, bands: dict[str, int]) -> None:
+@pytest.mark.parametrize("document,code,expected,bands", all_examples())
+def test_readme_example(document: Path, code: str, expected: str, bands: dict[str, int]) -> None:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
+        exec(compile(code, str(document), "exec"), {"__name__": "__readme__"})
     if expected:
         problems = mismatches(out.getvalue(), expected, bands)
         assert not problems, "\n".join(problems) + "\n--- printed:\n" + out.getvalue()
 
 
 def test_readme_has_examples() -> None:
-    assert len(examples()) >= 1
+    assert all(len(examples(doc)) >= 1 for doc in DOCUMENTS)
 
 
 def test_the_comparison_rule() -> None:
