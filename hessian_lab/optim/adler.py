@@ -250,7 +250,8 @@ class ADLER(torch.optim.Optimizer):
         self._recorded_call: tuple[tuple, dict] | None = None
         self._recorded_targets: torch.Tensor | None = None
         self._own_pass = False
-        self._hooks = self._watch(model, loss_fn)
+        for handle in self._watch(model, loss_fn):
+            weakref.finalize(self, handle.remove)  # no hook outlives its optimizer
 
     # ---------------------------------------------------------------------------------------
     # State: everything that a resumed run needs lives in self.state / the param group.
@@ -295,6 +296,7 @@ class ADLER(torch.optim.Optimizer):
     # Watching the user's own forward and loss, for steps after the user's backward.
 
     def _watch(self, model: nn.Module, loss_fn: Any) -> list[Any]:
+        """Forward pre-hooks on the model and an ``nn.Module`` loss (class docstring)."""
         module = self._estimator.module
         me = weakref.ref(self)  # the model must not keep the optimizer alive
 
