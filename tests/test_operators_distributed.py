@@ -133,6 +133,35 @@ def test_sharded_operator_equals_one_process_and_is_identical_on_every_rank(shar
             assert torch.equal(other[name, loss][key], first[key]), key
 
 
+def _nccl_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world)
+    try:
+        x, y = _shards(world, "ce_mean")[rank]
+        op = GGNOperator(
+            _model().cuda(),
+            nn.CrossEntropyLoss(),
+            (x.cuda(), y.cuda()),
+            process_group=dist.group.WORLD,
+        )
+        V = torch.randn(op.shape[0], 2, generator=torch.Generator().manual_seed(5)).double()
+        torch.save((op @ V.cuda()).cpu(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
+def test_sharded_operator_over_nccl():
+    world = 2
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_nccl_worker, args=(world, _free_port(), out_dir), nprocs=world, join=True)
+        got = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+    op = _operator("ggn", "ce_mean", _shards(world, "ce_mean"))
+    V = torch.randn(op.shape[0], 2, generator=torch.Generator().manual_seed(5)).double()
+    assert _rel(got[0], op @ V) <= TOL and torch.equal(got[0], got[1])
+
+
 def test_process_group_without_init_is_a_clear_error():
     x, y = _shards(2, "ce_mean")[0]
     with pytest.raises(RuntimeError, match="init_process_group"):
