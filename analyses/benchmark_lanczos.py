@@ -1,20 +1,29 @@
 """How much of Lanczos' time is spent outside the operator products?
 
-Runs Lanczos with full reorthogonalization (the default) for ``--steps`` steps on the GGN operator
-(the paper's Q) of an MLP with about 1e5 parameters, timing every product, and prints the fraction
-of the wall time spent outside the products (orthogonalization, bookkeeping). The issue's target
-is at most 10% at 100 steps and P ≈ 1e5. Also reports the same run without reorthogonalization
-for scale. Ratios, not absolute times, are what carries over between machines (DESIGN.md §5).
+Runs ``--steps`` Lanczos steps on the GGN operator (the paper's Q) of an MLP with about 1e5
+parameters, timing every product, and prints the fraction of the wall time spent outside the
+products (orthogonalization, bookkeeping) for each reorthogonalization mode of
+:func:`hessian_lab.linalg.lanczos`: ``full`` (the default), ``partial`` (Simon's partial
+reorthogonalization) and ``none``. The modes run interleaved, ``--repeats`` rounds, and the median
+and the minimum over the rounds are reported (a busy neighbour inflates single runs). The issue's
+target is at most 10% at 100 steps and P ≈ 1e5. Ratios, not absolute times, are what carries over
+between machines (DESIGN.md §5).
+
+Full reorthogonalization reads the ``[j, P]`` basis twice at step ``j`` (two matrix-vector
+products); the last line times those reads alone, for ``j = 1..steps`` on a preallocated basis:
+a floor for the full mode's time outside the products on this machine.
 
 Example:
-    python analyses/benchmark_lanczos.py              # P = 101,770, N = 1024, 100 steps, float32
+    python analyses/benchmark_lanczos.py --threads 1   # P = 101,770, N = 1024, 100 steps, float32
+    python analyses/benchmark_lanczos.py --threads 1 --batch 4096
     python analyses/benchmark_lanczos.py --model cnn --batch 64   # P = 115,210
-    python analyses/benchmark_lanczos.py --device cuda --repeats 3
+    python analyses/benchmark_lanczos.py --device cuda --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -22,6 +31,8 @@ from torch import nn
 
 from hessian_lab.linalg import lanczos
 from hessian_lab.operators import GGNOperator
+
+MODES = {"full": True, "partial": "partial", "none": False}
 
 
 class TimedOperator:
@@ -46,16 +57,32 @@ class TimedOperator:
         return out
 
 
-def run(op: object, steps: int, reorthogonalize: bool) -> tuple[float, float, int]:
+def run(op: object, steps: int, reorthogonalize: bool | str) -> tuple[float, float, int]:
     """Return (total seconds, seconds in products, number of products) of one Lanczos run."""
     timed = TimedOperator(op)
-    if timed.device.type == "cuda":
-        torch.cuda.synchronize(timed.device)
+    timed._sync()
     start = time.perf_counter()
     lanczos(timed, steps, seed=0, reorthogonalize=reorthogonalize)
-    if timed.device.type == "cuda":
-        torch.cuda.synchronize(timed.device)
+    timed._sync()
     return time.perf_counter() - start, timed.seconds, timed.calls
+
+
+def basis_traffic_seconds(steps: int, n: int, dtype: torch.dtype, device: torch.device) -> float:
+    """Seconds of the two GEMVs of every step, ``j = 1..steps``, on a ``[steps, n]`` basis alone.
+
+    What full reorthogonalization cannot avoid (the basis is read twice per step), measured
+    without the products in between (which only evict it from the caches): a floor.
+    """
+    basis = torch.randn(steps, n, dtype=dtype, device=device)
+    w = torch.randn(n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for j in range(1, steps + 1):
+        h = basis[:j] @ w
+        w.addmv_(basis[:j].T, h, alpha=-1e-3)
+    sync()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -66,11 +93,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1024, help="examples N in the operator")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs (the best is kept)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument(
+        "--modes", default="full,partial,none", help="comma-separated: full, partial, none"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        parser.error(f"unknown modes {unknown}; choose from {list(MODES)}")
 
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
@@ -90,22 +124,35 @@ def main() -> None:
     X = torch.randn(args.batch, *in_shape, device=device, dtype=dtype)
     y = torch.randint(0, 10, (args.batch,), device=device)
     op = GGNOperator(model, nn.CrossEntropyLoss(), (X, y))
+    P = op.shape[0]
     print(
-        f"GGN (Q) of a {name}: P = {op.shape[0]:,}, N = {args.batch}, "
-        f"{args.dtype} on {device}; Lanczos {args.steps} steps"
+        f"GGN (Q) of a {name}: P = {P:,}, N = {args.batch}, {args.dtype} on {device}, "
+        f"{torch.get_num_threads()} thread(s); Lanczos {args.steps} steps, {args.repeats} "
+        "interleaved rounds"
     )
 
-    op.matmat(torch.randn(op.shape[0], 1, device=device, dtype=dtype))  # warm caches
-    for reorth in (True, False):
-        best = min((run(op, args.steps, reorth) for _ in range(args.repeats)), key=lambda r: r[0])
-        total, in_products, calls = best
-        outside = total - in_products
-        label = "full reorthogonalization" if reorth else "no reorthogonalization  "
+    op.matmat(torch.randn(P, 1, device=device, dtype=dtype))  # warm caches
+    results: dict[str, list[tuple[float, float, int]]] = {mode: [] for mode in modes}
+    for _ in range(args.repeats):
+        for mode in modes:
+            results[mode].append(run(op, args.steps, MODES[mode]))
+    for mode in modes:
+        runs = results[mode]
+        outside = [total - prod for total, prod, _ in runs]
+        share = [100 * (total - prod) / total for total, prod, _ in runs]
+        per_product = statistics.median(1e3 * prod / calls for _, prod, calls in runs)
         print(
-            f"{label}: total {total:.3f} s, products {in_products:.3f} s ({calls} calls, "
-            f"{1e3 * in_products / calls:.1f} ms each), outside products {outside:.3f} s "
-            f"= {100 * outside / total:.1f}% of the time"
+            f"{mode:>7}: product {per_product:.1f} ms; outside products median "
+            f"{statistics.median(outside):.3f} s = {statistics.median(share):.1f}% "
+            f"(min {min(outside):.3f} s = {min(share):.1f}%)"
         )
+    m = min(args.steps, P)
+    traffic = m * (m + 1) * P * torch.empty((), dtype=dtype).element_size()  # Σ_j 2 j P bytes
+    floor = min(basis_traffic_seconds(m, P, dtype, device) for _ in range(args.repeats))
+    print(
+        f"floor of full reorthogonalization: its {traffic / 1e9:.2f} GB of basis reads alone take "
+        f"{floor:.3f} s here ({traffic / floor / 1e9:.0f} GB/s)"
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ MODULES = [
     "hessian_lab.linalg.spectral_density",
     "hessian_lab.linalg.trace",
     "hessian_lab.linalg.diagonal",
+    "hessian_lab.linalg.monte_carlo",
     "hessian_lab.linalg.cg",
 ]
 

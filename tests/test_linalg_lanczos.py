@@ -133,3 +133,100 @@ def test_batched_lanczos_columns_break_down_independently():
     assert (alphas[0, 2:] == 0).all() and (betas[0, 1:] == 0).all()
     theta, _ = tridiagonal_eigh(alphas[0, :2], betas[0, :1])
     torch.testing.assert_close(theta, lam[:2])
+
+
+# Partial reorthogonalization (Simon 1984) and the one recurrence behind every Lanczos routine.
+
+
+def _recurrence(A, m, mode, seed=0, dtype=F64):
+    from hessian_lab.linalg.lanczos import LanczosRecurrence
+    from hessian_lab.linalg.linear_operator import as_linear_operator
+
+    op = as_linear_operator(A)
+    v0 = torch.randn(op.n, 1, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    proc = LanczosRecurrence(op, v0, capacity=m, reorthogonalize=mode, keep_basis=True)
+    proc.run(m)
+    return proc
+
+
+def test_boolean_modes_are_the_named_ones():
+    A = known_spectrum(outlier_spectrum(120))
+    for flag, name in ((True, "full"), (False, "none")):
+        a, b = lanczos(A, 40, reorthogonalize=flag), lanczos(A, 40, reorthogonalize=name)
+        assert torch.equal(a.alphas, b.alphas) and torch.equal(a.betas, b.betas)
+    with pytest.raises(ValueError, match="reorthogonalize"):
+        lanczos(A, 5, reorthogonalize="selective")
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["float64", "float32"])
+def test_partial_reorthogonalization_is_semi_orthogonal_and_ghost_free(dtype):
+    # The outlier converges within a few steps, so orthogonality is lost fast: the hardest case.
+    lam = outlier_spectrum()
+    A = known_spectrum(lam).to(dtype)
+    m, eps = 150, torch.finfo(dtype).eps
+    full, part = _recurrence(A, m, "full", dtype=dtype), _recurrence(A, m, "partial", dtype=dtype)
+    V = part.basis[0].double()
+    # Semi-orthogonality, the property Simon's analysis needs: |v_iᵀ v_k| <= sqrt(eps).
+    assert (V @ V.T - torch.eye(m, dtype=F64)).abs().max() <= eps**0.5
+    # Then T_m is the projection of A to working precision: the same Ritz values as with full
+    # reorthogonalization, up to the rounding of m steps (m eps ||A||), and one copy of 100.
+    res_f, res_p = full.result(0), part.result(0)
+    theta_f, _ = tridiagonal_eigh(res_f.alphas, res_f.betas)
+    theta_p, _ = tridiagonal_eigh(res_p.alphas, res_p.betas)
+    assert (theta_p - theta_f).abs().max() <= m * eps * 100.0
+    assert int(((theta_p - 100.0).abs() < 1e-6 * 100).sum()) == 1
+    # And it reorthogonalized fewer steps than full reorthogonalization.
+    assert part.reorthogonalized_steps < full.reorthogonalized_steps == m
+
+
+def test_partial_reorthogonalization_is_cheap_without_outliers():
+    # An evenly spread spectrum: no Ritz value converges early, orthogonality decays slowly.
+    A = known_spectrum(torch.linspace(-10.0, 10.0, 300, dtype=F64))
+    m = 150
+    part = _recurrence(A, m, "partial")
+    V = part.basis[0]
+    assert (V @ V.T - torch.eye(m, dtype=F64)).abs().max() <= torch.finfo(F64).eps ** 0.5
+    assert part.reorthogonalized_steps <= m // 10
+
+
+def test_partial_reorthogonalization_in_lanczos_and_batched_lanczos():
+    A = known_spectrum(outlier_spectrum(120))
+    V0 = torch.randn(120, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    m = 30
+    alphas, betas, lengths = batched_lanczos(A, V0, m, reorthogonalize="partial")
+    for c in range(3):
+        ref = lanczos(A, m, v0=V0[:, c], reorthogonalize="partial")
+        torch.testing.assert_close(alphas[c], ref.alphas, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(betas[c], ref.betas, rtol=1e-9, atol=1e-9)
+    # Restarts after breakdowns need a basis, which partial reorthogonalization keeps.
+    lam = torch.tensor([1.0, 2.0, 5.0], dtype=F64).repeat(100)
+    res = lanczos(
+        known_spectrum(lam, seed=1), 12, on_breakdown="restart", reorthogonalize="partial"
+    )
+    assert res.num_steps == 12 and (res.betas == 0).sum() == 3
+
+
+def test_every_lanczos_routine_runs_the_one_recurrence(monkeypatch):
+    import sys
+
+    from hessian_lab.linalg import eigsh, spectral_density
+
+    module = sys.modules["hessian_lab.linalg.lanczos"]
+    calls = []
+    step = module.LanczosRecurrence._step
+
+    def counted(self):
+        calls.append(self.p)
+        step(self)
+
+    monkeypatch.setattr(module.LanczosRecurrence, "_step", counted)
+    A = known_spectrum(outlier_spectrum(60))
+    for run, p in (
+        (lambda: lanczos(A, 5), 1),
+        (lambda: eigsh(A, k=1, num_steps=20, warn=False), 1),
+        (lambda: spectral_density(A, num_probes=3, num_steps=5), 3),
+        (lambda: batched_lanczos(A, torch.ones(60, 2, dtype=F64), 5), 2),
+    ):
+        calls.clear()
+        run()
+        assert calls and set(calls) == {p}

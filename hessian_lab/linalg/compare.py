@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import torch
 
 from hessian_lab.linalg.eigsh import EigshResult, eigsh
 from hessian_lab.linalg.linear_operator import TorchLinearOperator, as_linear_operator
-from hessian_lab.linalg.probes import make_generator, rademacher
+from hessian_lab.linalg.monte_carlo import monte_carlo_estimate
+from hessian_lab.linalg.probes import make_generator
 from hessian_lab.linalg.spectral_density import SpectralDensity, spectral_density
+
+if TYPE_CHECKING:  # pandas is imported when a table is built, not with the package
+    import pandas as pd
 
 __all__ = ["COMPARE_COLUMNS", "compare_operators"]
 
@@ -185,24 +188,39 @@ def compare_operators(
             for i, ang in enumerate(angles.tolist()):
                 add("principal_angle", a, ang, other=b, index=i)
 
-    # Shared Rademacher probes: relative Frobenius distances and traces.
+    # Shared Rademacher probes: traces and relative Frobenius distances, one Monte-Carlo
+    # estimate whose integrand stacks zᵀAz, ‖Az‖² and ‖(A - B)z‖² for every operator and pair.
     if num_probes > 0:
-        gen = make_generator(device, None if seed is None else seed + 1)
-        Z = rademacher((n, num_probes), generator=gen, dtype=torch.float64, device=device)
-        Y = {name: lin[name].matmat(Z) for name in names}  # products in each op's dtype
-        sq = {name: (Y[name] ** 2).sum(dim=0).cpu() for name in names}
-        for a in names:
-            tr = (Z * Y[a]).sum(dim=0).cpu()
-            add("trace", a, tr.mean(), se=tr.std() / math.sqrt(num_probes))
-            for b in names:
-                if a == b:
+        r = len(names)
+        pairs = [(i, j) for i in range(r) for j in range(i + 1, r)]
+
+        def integrand(Z: torch.Tensor, *Y: torch.Tensor) -> torch.Tensor:
+            rows = [(Z * Ya).sum(dim=0) for Ya in Y] + [(Ya * Ya).sum(dim=0) for Ya in Y]
+            rows += [((Y[i] - Y[j]) ** 2).sum(dim=0) for i, j in pairs]
+            return torch.stack(rows)
+
+        est = monte_carlo_estimate(
+            [lin[name] for name in names],
+            integrand,
+            num_probes,
+            make_generator(device, None if seed is None else seed + 1),
+            batch_size=num_probes,
+            probe_dtype=torch.float64,
+            keep_samples=True,
+        )
+        samples = est.samples
+        distance_row = {}
+        for t, (i, j) in enumerate(pairs):
+            distance_row[i, j] = distance_row[j, i] = 2 * r + t
+        for i, a in enumerate(names):
+            add("trace", a, est.mean[i], se=est.standard_error[i])
+            for j, b in enumerate(names):
+                if i == j:
                     continue
-                Yb = Y[b].to(Y[a].device)
-                d = ((Y[a] - Yb) ** 2).sum(dim=0).cpu()
-                r, se_r = _ratio_with_se(d, sq[a])
-                dist = math.sqrt(max(r, 0.0))
+                rel, se_rel = _ratio_with_se(samples[distance_row[i, j]], samples[r + i])
+                dist = math.sqrt(max(rel, 0.0))
                 # d sqrt(r) = dr / (2 sqrt(r)).
-                se = se_r / (2 * dist) if dist > 0 else math.nan
+                se = se_rel / (2 * dist) if dist > 0 else math.nan
                 add("relative_frobenius_distance", a, dist, other=b, se=se)
 
     d = _resolve_direction(direction, ops, n)
@@ -222,6 +240,8 @@ def compare_operators(
             )
             mass, se = dens[name].negative_mass(negative_mass_threshold)
             add("negative_mass", name, mass, se=se)
+
+    import pandas as pd  # only here: `import hessian_lab` must not import pandas
 
     df = pd.DataFrame(rows, columns=COMPARE_COLUMNS)
     df["index"] = df["index"].astype("Int64")

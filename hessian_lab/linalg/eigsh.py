@@ -13,7 +13,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from hessian_lab.linalg.lanczos import LanczosProcess, default_breakdown_tol, tridiagonal_eigh
+from hessian_lab.linalg.lanczos import LanczosRecurrence, default_breakdown_tol, tridiagonal_eigh
 from hessian_lab.linalg.linear_operator import as_linear_operator, reports_progress
 from hessian_lab.linalg.probes import make_generator
 
@@ -66,7 +66,12 @@ def select_which(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
 
 
 def _complement_explored(
-    proc: LanczosProcess, theta: torch.Tensor, idx: torch.Tensor, k: int, which: str, floor: float
+    proc: LanczosRecurrence,
+    theta: torch.Tensor,
+    idx: torch.Tensor,
+    k: int,
+    which: str,
+    floor: float,
 ) -> bool:
     r"""Whether the small Ritz residuals can be trusted, or wanted eigenvalues may be unseen.
 
@@ -84,14 +89,15 @@ def _complement_explored(
     m = proc.m
     if proc.finished:
         return True  # nothing is left to explore (whole space, or a stop without restart)
-    near = torch.finfo(proc.A.dtype).eps ** (2.0 / 3.0) * max(proc.anorm, floor)
-    small = [b <= near for b in proc.betas]
+    near = torch.finfo(proc.A.dtype).eps ** (2.0 / 3.0) * max(float(proc.anorm[0]), floor)
+    small = proc.betas[0, :m] <= near
     if not small[m - 1]:
         return True  # the last block is still growing: the usual Lanczos test applies
     if m < 2 or not small[m - 2]:
         return False  # an unexplored invariant complement of unknown spectrum: keep going
     copies = proc.n - m
-    full = torch.sort(torch.cat([theta, theta.new_full((copies,), proc.alphas[-1])])).values
+    last = float(proc.alphas[0, m - 1])
+    full = torch.sort(torch.cat([theta, theta.new_full((copies,), last)])).values
     want_full = full[select_which(full, k, which)]
     want_seen = theta[idx]
     return want_seen.shape == want_full.shape and bool(
@@ -172,11 +178,11 @@ def eigsh(
         v0 = torch.randn(n, generator=generator, dtype=dtype, device=A.device)
     else:
         v0 = torch.as_tensor(v0).to(device=A.device, dtype=dtype).reshape(-1)
-    proc = LanczosProcess(
+    proc = LanczosRecurrence(
         A,
-        v0,
+        v0.unsqueeze(1),
         capacity=max_steps,
-        reorthogonalize=True,
+        reorthogonalize="full",
         keep_basis=True,
         on_breakdown="restart",
         breakdown_tol=default_breakdown_tol(A.dtype),
@@ -185,7 +191,7 @@ def eigsh(
 
     def wanted() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # Ritz values (ascending), Ritz vectors of T, wanted indices, residual estimates.
-        res = proc.result(return_basis=False)
+        res = proc.result(0)
         theta, S = tridiagonal_eigh(res.alphas, res.betas)
         idx = select_which(theta, k, which)
         est = res.beta_last * S[-1, idx].abs()
@@ -196,7 +202,7 @@ def eigsh(
     while True:
         proc.run(target)
         theta, S, idx, est = wanted()
-        anorm = max(theta.abs().max().item(), proc.anorm)
+        anorm = max(theta.abs().max().item(), float(proc.anorm[0]))
         floor = 100.0 * eps_op * anorm
         done = bool(torch.all(est <= torch.clamp(tol * theta[idx].abs(), min=floor)))
         done = done and _complement_explored(proc, theta, idx, k, which, floor)
@@ -211,7 +217,7 @@ def eigsh(
             "the start vector degenerate."
         )
     S_k = S[:, idx].to(device=A.device, dtype=dtype)
-    vecs = proc.V[:m].T @ S_k  # [n, k] Ritz vectors
+    vecs = proc.basis[0, :m].T @ S_k  # [n, k] Ritz vectors
     # One product, in the operator's precision, for the true residuals. The Rayleigh quotients
     # vᵀAv are then free and at least as accurate as the Ritz values (error ~ residual² / gap).
     AV = A.matmat(vecs)

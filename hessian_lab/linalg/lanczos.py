@@ -1,4 +1,4 @@
-r"""The Lanczos process for symmetric operators.
+r"""The Lanczos process for symmetric operators: one recurrence, ``p`` start vectors in lockstep.
 
 Given a symmetric ``A`` (size ``n``) and a unit start vector ``v_1``, ``m`` steps of Lanczos build
 an orthonormal basis ``V_m = [v_1, ..., v_m]`` of the Krylov space
@@ -7,18 +7,55 @@ an orthonormal basis ``V_m = [v_1, ..., v_m]`` of the Krylov space
 
 .. math::  A V_m = V_m T_m + \beta_m v_{m+1} e_m^\top .
 
-The eigenvalues of ``T_m`` (Ritz values) approximate the extreme eigenvalues of ``A``; the squared
-first components of its eigenvectors are the Gauss-quadrature weights of the spectral measure of
-``A`` seen from ``v_1`` (used by :func:`~hessian_lab.linalg.spectral_density.spectral_density`).
+Step ``j`` computes :math:`w = A v_j - \beta_{j-1} v_{j-1}`, :math:`\alpha_j = v_j^\top w`,
+:math:`w \leftarrow w - \alpha_j v_j` (the local three-term step), reorthogonalizes ``w``, and sets
+:math:`\beta_j = \|w\|`, :math:`v_{j+1} = w / \beta_j`. The eigenvalues of ``T_m`` (Ritz values)
+approximate the extreme eigenvalues of ``A``; the squared first components of its eigenvectors are
+the Gauss-quadrature weights of the spectral measure of ``A`` seen from ``v_1`` (used by
+:func:`~hessian_lab.linalg.spectral_density.spectral_density`).
 
-In floating point the three-term recurrence loses orthogonality as soon as a Ritz value converges,
-and converged eigenvalues reappear as spurious copies ("ghosts"; Paige 1971). We therefore
-reorthogonalize every new vector against the whole basis by default: after the local three-term
-step, one classical Gram–Schmidt pass against all previous vectors (two GEMVs with the ``[j, n]``
-basis), and a second pass only when the first one cancels much of the vector ("twice is enough";
-Daniel, Gragg, Kaufman and Stewart 1976). Its cost is memory traffic, about ``2 j n`` reads at step
-``j``; ``reorthogonalize=False`` keeps only three vectors in memory, for spectral-density work on
-very large operators where ghosts only move a little weight.
+:class:`LanczosRecurrence` is the only implementation: it advances ``p`` independent processes
+(the columns of a ``[n, p]`` start block) with one ``matmat`` per step, and ``p = 1`` is the
+single-vector case. :func:`lanczos`, :func:`batched_lanczos`, :func:`~.eigsh.eigsh` and
+:func:`~.spectral_density.spectral_density` all run it.
+
+Reorthogonalization. In floating point the three-term recurrence loses orthogonality as soon as a
+Ritz value converges, and converged eigenvalues reappear as spurious copies ("ghosts"; Paige
+1971). Three modes:
+
+* ``"full"`` (the default): after the local step, one classical Gram–Schmidt pass against the whole
+  basis, :math:`w \leftarrow w - V_j (V_j^\top w)` — two matrix-vector products with the
+  contiguous ``[j, n]`` block of a basis preallocated as ``[p, m, n]`` (batched over the ``p``
+  processes) — and a second pass only when the first cancels much of ``w`` (:math:`\|w'\| <
+  \|w\| / \sqrt 2`: "twice is enough"; Daniel, Gragg, Kaufman & Stewart 1976). Its cost is memory
+  traffic, about ``2 j n`` reads at step ``j``.
+* ``"partial"``: Simon's (1984) partial reorthogonalization, with Larsen's (1998) ranges. The
+  level of orthogonality :math:`\omega_{j+1,k} \approx v_{j+1}^\top v_k` is tracked by the
+  recurrence (Simon 1984, eq. 3.3)
+
+  .. math::  \beta_j \omega_{j+1,k} = \beta_k \omega_{j,k+1} + (\alpha_k - \alpha_j)\omega_{j,k}
+             + \beta_{k-1}\omega_{j,k-1} - \beta_{j-1}\omega_{j-1,k} \pm \vartheta_{j,k},
+
+  a few vector operations of length ``j`` per step on the host, with the rounding term
+  :math:`\vartheta_{j,k} = \varepsilon(\beta_k + \beta_j + \|A\|) + d_j + d_k`, where :math:`d_i
+  = |v_{i-1}^\top w|` is the defect measured (and removed, with the component along :math:`v_i`)
+  at step ``i`` after the three-term step: it captures the rounding of the operator's own
+  products, often far above :math:`\varepsilon \|A\|` (a float32 network's products). The sign is
+  chosen to grow :math:`|\omega|`. Only when :math:`\max_k |\omega_{j+1,k}| > \sqrt\varepsilon`
+  is ``w`` reorthogonalized, against the stretches of the basis where :math:`|\omega_{j+1,k}| >
+  \varepsilon^{3/4}` (orthogonality is lost along converged Ritz vectors, which live in a few
+  stretches, usually the first vectors), and the next vector too (Simon's pair of steps); the
+  estimates there restart at :math:`\varepsilon`. The basis stays semi-orthogonal,
+  :math:`|v_i^\top v_k| \lesssim \sqrt\varepsilon`, which is enough for ``T_m`` to be the
+  projection of ``A`` on the Krylov space to working precision (Simon 1984): Ritz values as
+  accurate as with full reorthogonalization and no ghosts, for less traffic — how much less
+  depends on how fast Ritz values converge (a few percent of the full cost on spectra without
+  outliers; about half on a float32 network's Gauss–Newton matrix, whose outliers converge in a
+  few steps). The returned basis is then only semi-orthogonal.
+* ``"none"``: the local step only; three vectors in memory, for spectral-density work on very
+  large operators where ghosts only move a little weight.
+
+``reorthogonalize=True`` / ``False`` mean ``"full"`` / ``"none"``.
 """
 
 from __future__ import annotations
@@ -33,7 +70,19 @@ import torch
 from hessian_lab.linalg.linear_operator import TorchLinearOperator, as_linear_operator
 from hessian_lab.linalg.probes import make_generator
 
-__all__ = ["LanczosResult", "lanczos", "tridiagonal_eigh"]
+__all__ = [
+    "LanczosRecurrence",
+    "LanczosResult",
+    "Reorthogonalization",
+    "batched_lanczos",
+    "default_breakdown_tol",
+    "lanczos",
+    "reorthogonalization_mode",
+    "tridiagonal_eigh",
+]
+
+#: Reorthogonalization modes of :class:`LanczosRecurrence` (see the module docstring).
+Reorthogonalization = Literal["full", "partial", "none"]
 
 # A second Gram–Schmidt pass is needed when the first pass removed more than this fraction of the
 # norm (DGKS criterion with eta = 1/sqrt(2)).
@@ -103,166 +152,6 @@ def tridiagonal_eigh(
     return torch.from_numpy(theta), torch.from_numpy(S)
 
 
-class LanczosProcess:
-    r"""A resumable Lanczos process (used by :func:`lanczos` and :func:`~.eigsh.eigsh`).
-
-    Args:
-        A: The operator in internal form.
-        v0: Start vector (any nonzero scale), shape ``[n]``, in the working dtype on ``A.device``.
-        capacity: Largest number of steps this process may take (memory is preallocated for it when
-            the basis is kept).
-        reorthogonalize: Full reorthogonalization (keeps the basis).
-        keep_basis: Keep the basis even without reorthogonalization.
-        on_breakdown: ``"stop"`` or ``"restart"`` (continue with a random vector orthogonal to the
-            basis; needs the basis, otherwise the process stops).
-        breakdown_tol: Relative tolerance on :math:`\beta_j / \|A\|`.
-        generator: Source of the restart vectors.
-    """
-
-    def __init__(
-        self,
-        A: TorchLinearOperator,
-        v0: torch.Tensor,
-        *,
-        capacity: int,
-        reorthogonalize: bool,
-        keep_basis: bool,
-        on_breakdown: Literal["stop", "restart"],
-        breakdown_tol: float,
-        generator: torch.Generator,
-    ) -> None:
-        self.A = A
-        self.n = A.n
-        self.dtype = v0.dtype
-        self.device = v0.device
-        self.capacity = min(int(capacity), self.n)
-        self.reorthogonalize = reorthogonalize
-        self.keep_basis = keep_basis or reorthogonalize
-        self.on_breakdown = on_breakdown
-        self.breakdown_tol = breakdown_tol
-        self.generator = generator
-
-        norm = torch.linalg.vector_norm(v0)
-        if not torch.isfinite(norm) or norm.item() == 0.0:
-            raise ValueError("The Lanczos start vector v0 must be nonzero and finite.")
-        v = v0 / norm
-        # Rows are basis vectors: a contiguous [j, n] block makes both projections plain GEMVs.
-        if self.keep_basis:
-            self.V = torch.empty(self.capacity, self.n, dtype=self.dtype, device=self.device)
-            self.V[0] = v
-        else:
-            self.V = None
-        self.v = v
-        self.v_prev = torch.zeros_like(v)
-        self.alphas: list[float] = []
-        self.betas: list[float] = []  # beta_j after step j (last one = residual norm)
-        self.breakdowns: list[int] = []
-        self.anorm = 0.0  # running estimate of ||A||_2 (max ||A v_j||)
-        self.finished = False  # invariant subspace reached (stop) or the whole space spanned
-        self.next_vector: torch.Tensor | None = None
-        self.second_passes = 0  # DGKS second Gram-Schmidt passes (diagnostics)
-
-    @property
-    def m(self) -> int:
-        """Number of completed steps."""
-        return len(self.alphas)
-
-    def _project_out(self, w: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Remove from ``w`` its components along ``V[:j]`` (CGS with a DGKS second pass).
-
-        ``w`` has already been through the local three-term step, so one pass usually suffices
-        and costs two GEMVs with the ``[j, n]`` basis; a second pass runs only when the first
-        one cancelled most of ``w``. Returns the projected vector, the coefficients removed and
-        its norm (the Lanczos beta).
-        """
-        Vj = self.V[:j]
-        norm_before = torch.linalg.vector_norm(w).item()
-        h = Vj @ w
-        w = w.addmv(Vj.T, h, alpha=-1.0)
-        norm_after = torch.linalg.vector_norm(w).item()
-        if norm_after < _REORTH_ETA * norm_before:
-            self.second_passes += 1
-            h2 = Vj @ w
-            w = w.addmv(Vj.T, h2, alpha=-1.0)
-            h = h + h2
-            norm_after = torch.linalg.vector_norm(w).item()
-        return w, h, norm_after
-
-    def _random_orthogonal(self, j: int) -> torch.Tensor | None:
-        """A random unit vector orthogonal to ``V[:j]`` (None if numerically impossible)."""
-        for _ in range(3):
-            r = torch.randn(self.n, generator=self.generator, dtype=self.dtype, device=self.device)
-            r = r / torch.linalg.vector_norm(r)
-            for _ in range(2):
-                r = r - self.V[:j].T @ (self.V[:j] @ r)
-            nr = torch.linalg.vector_norm(r).item()
-            # A random unit vector keeps about sqrt((n - j) / n) of its norm; far less means it
-            # was numerically in the span of the basis.
-            if nr > 0.1 * math.sqrt((self.n - j) / self.n):
-                return r / nr
-        return None
-
-    def run(self, num_steps: int) -> None:
-        """Advance the process until ``num_steps`` steps are done (or it cannot go further)."""
-        num_steps = min(int(num_steps), self.capacity)
-        A = self.A
-        while self.m < num_steps and not self.finished:
-            j = self.m
-            w = A.matvec(self.v)
-            self.anorm = max(self.anorm, torch.linalg.vector_norm(w).item())
-            # Local three-term step (the whole algorithm without reorthogonalization). The first
-            # update makes a new tensor: the operator's output is never modified in place.
-            beta_prev = self.betas[-1] if self.betas else 0.0
-            w = w - beta_prev * self.v_prev if beta_prev else w.clone()
-            alpha_t = torch.dot(self.v, w)
-            w.sub_(alpha_t * self.v)
-            if self.reorthogonalize:
-                # Full reorthogonalization: remove what rounding left along the whole basis.
-                w, h, beta = self._project_out(w, j + 1)
-                alpha = (alpha_t + h[j]).item()
-            else:
-                alpha = alpha_t.item()
-                beta = torch.linalg.vector_norm(w).item()
-            self.alphas.append(alpha)
-
-            if j + 1 >= self.n:  # the basis spans the whole space: T_n is exact
-                self.betas.append(beta)
-                self.finished = True
-                break
-            if beta <= self.breakdown_tol * max(self.anorm, torch.finfo(self.dtype).tiny):
-                # Invariant subspace: the Krylov space cannot grow from this start vector.
-                self.breakdowns.append(j)
-                restart = None
-                if self.on_breakdown == "restart" and self.keep_basis and self.reorthogonalize:
-                    restart = self._random_orthogonal(j + 1)
-                if restart is None:
-                    self.betas.append(0.0)
-                    self.finished = True
-                    break
-                self.betas.append(0.0)  # T becomes block diagonal
-                v_next = restart
-            else:
-                self.betas.append(beta)
-                v_next = w / beta
-            if j + 1 < self.capacity:
-                self.v_prev, self.v = self.v, v_next
-                if self.V is not None:
-                    self.V[j + 1] = v_next
-            else:
-                self.next_vector = v_next
-
-    def result(self, return_basis: bool) -> LanczosResult:
-        """Package the current state as a :class:`LanczosResult`."""
-        m = self.m
-        alphas = torch.tensor(self.alphas, dtype=self.dtype, device=self.device)
-        betas = torch.tensor(self.betas[: m - 1], dtype=self.dtype, device=self.device)
-        beta_last = self.betas[m - 1] if m else 0.0
-        if self.finished and self.breakdowns and self.breakdowns[-1] == m - 1:
-            beta_last = 0.0
-        basis = self.V[:m].T if (return_basis and self.V is not None) else None
-        return LanczosResult(alphas, betas, float(beta_last), basis, list(self.breakdowns))
-
-
 def default_breakdown_tol(op_dtype: torch.dtype) -> float:
     r"""Breakdown when :math:`\beta_j \le 100\,\varepsilon\,\|A\|_2` (operator's precision).
 
@@ -271,13 +160,381 @@ def default_breakdown_tol(op_dtype: torch.dtype) -> float:
     return 100.0 * torch.finfo(op_dtype).eps
 
 
+def reorthogonalization_mode(reorthogonalize: bool | str) -> Reorthogonalization:
+    """Normalize a ``reorthogonalize`` argument: ``True`` is ``"full"``, ``False`` is ``"none"``.
+
+    Raises:
+        ValueError: For anything but a bool or one of ``"full"``, ``"partial"``, ``"none"``.
+    """
+    if isinstance(reorthogonalize, str):
+        if reorthogonalize in ("full", "partial", "none"):
+            return reorthogonalize  # type: ignore[return-value]
+    elif isinstance(reorthogonalize, (bool, np.bool_)):
+        return "full" if reorthogonalize else "none"
+    raise ValueError(
+        "reorthogonalize must be True ('full'), False ('none') or 'partial', "
+        f"got {reorthogonalize!r}."
+    )
+
+
+def _rowdot(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``[p, 1]`` row-wise inner products of two ``[p, n]`` blocks (no ``[p, n]`` temporary)."""
+    return torch.bmm(X.unsqueeze(1), Y.unsqueeze(2)).view(-1, 1)
+
+
+class LanczosRecurrence:
+    r"""``p`` independent Lanczos processes advanced in lockstep, one ``matmat`` per step.
+
+    The one implementation of the recurrence in this package (``p = 1`` for :func:`lanczos` and
+    :func:`~.eigsh.eigsh`, ``p`` probes for stochastic Lanczos quadrature). Resumable: :meth:`run`
+    may be called again with a larger step count. All vectors live in buffers allocated once: the
+    basis ``[p, capacity, n]`` (each process's ``[j, n]`` block contiguous, so that
+    reorthogonalization is two batched matrix-vector products) or, without a basis, two ``[p, n]``
+    vectors, plus one ``[p, n]`` work vector. The coefficients live on the host (float64 copies of
+    working-precision values), so each step synchronizes with the device once (twice with a
+    second Gram–Schmidt pass or a partial reorthogonalization).
+
+    A process (column) that breaks down, :math:`\beta_j \le` ``breakdown_tol`` :math:`\cdot
+    \|A\|`, either stops there (its vector becomes zero, its coefficients end) or, with
+    ``on_breakdown="restart"`` and a basis, continues with a random unit vector orthogonal to its
+    basis and :math:`\beta_j = 0` in ``T``.
+
+    Args:
+        A: The operator in internal form.
+        V0: ``[n, p]`` start vectors (any nonzero scale), in the working dtype on ``A.device``.
+        capacity: Largest number of steps (capped at ``n``); the basis is preallocated for it.
+        reorthogonalize: ``"full"``, ``"partial"`` or ``"none"`` (or True / False).
+        keep_basis: Keep the basis even without reorthogonalization.
+        on_breakdown: ``"stop"`` or ``"restart"`` (needs the basis and reorthogonalization,
+            otherwise the column stops).
+        breakdown_tol: Relative tolerance on :math:`\beta_j / \|A\|`; default ``100 ε`` of the
+            operator's dtype.
+        generator: Source of the restart vectors.
+
+    Attributes:
+        alphas: ``[p, capacity]`` float64 host array, :math:`\alpha_j` of each column (0 after it
+            stopped).
+        betas: ``[p, capacity]`` float64 host array, :math:`\beta_j` after step ``j`` (0 at a
+            breakdown).
+        lengths: ``[p]`` steps done by each column.
+        anorm: ``[p]`` running estimate :math:`\max_j \|A v_j\|` of :math:`\|A\|_2`.
+        breakdowns: Per column, the steps ``j`` after which it broke down.
+        basis: ``[p, capacity, n]`` or None.
+        reorthogonalized_steps: Column-steps with a Gram–Schmidt pass against (part of) the basis.
+        second_passes: Column-steps that needed a second pass (DGKS).
+    """
+
+    def __init__(
+        self,
+        A: TorchLinearOperator,
+        V0: torch.Tensor,
+        *,
+        capacity: int,
+        reorthogonalize: bool | str = "full",
+        keep_basis: bool = False,
+        on_breakdown: Literal["stop", "restart"] = "stop",
+        breakdown_tol: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if on_breakdown not in ("stop", "restart"):
+            raise ValueError(f"on_breakdown must be 'stop' or 'restart', got {on_breakdown!r}.")
+        if V0.dim() != 2 or V0.shape[0] != A.n:
+            raise ValueError(f"V0 must have shape [{A.n}, p], got {tuple(V0.shape)}.")
+        self.A = A
+        self.n, self.p = A.n, int(V0.shape[1])
+        self.dtype, self.device = V0.dtype, V0.device
+        self.capacity = max(1, min(int(capacity), self.n))
+        self.mode = reorthogonalization_mode(reorthogonalize)
+        self.keep_basis = bool(keep_basis) or self.mode != "none"
+        self.can_restart = on_breakdown == "restart" and self.keep_basis and self.mode != "none"
+        self.breakdown_tol = (
+            default_breakdown_tol(A.dtype) if breakdown_tol is None else float(breakdown_tol)
+        )
+        self.generator = generator if generator is not None else make_generator(self.device, 0)
+        self._tiny = torch.finfo(self.dtype).tiny
+
+        norms = torch.linalg.vector_norm(V0, dim=0)
+        if not bool(torch.all(torch.isfinite(norms) & (norms > 0))):
+            raise ValueError("Every Lanczos start vector (v0) must be nonzero and finite.")
+        p, n, cap = self.p, self.n, self.capacity
+        if self.keep_basis:
+            self.basis: torch.Tensor | None = torch.empty(
+                p, cap, n, dtype=self.dtype, device=self.device
+            )
+            self._pair = None
+            self.basis[:, 0] = (V0 / norms).T
+        else:
+            self.basis = None
+            self._pair = torch.empty(2, p, n, dtype=self.dtype, device=self.device)
+            self._pair[0] = (V0 / norms).T
+        self._work = torch.empty(p, n, dtype=self.dtype, device=self.device)
+        self._beta_prev = torch.zeros(p, 1, dtype=self.dtype, device=self.device)
+
+        self.alphas = np.zeros((p, cap))
+        self.betas = np.zeros((p, cap))
+        self.lengths = np.zeros(p, dtype=np.int64)
+        self.active = np.ones(p, dtype=bool)
+        self._num_active = p
+        self.anorm = np.zeros(p)
+        self.breakdowns: list[list[int]] = [[] for _ in range(p)]
+        self.m = 0
+        self.finished = False  # every column stopped, or the basis spans the whole space
+        self.reorthogonalized_steps = 0
+        self.second_passes = 0
+        if self.mode == "partial":
+            self._eps = torch.finfo(self.dtype).eps
+            self._omega = np.zeros((p, cap + 1))  # omega_{j, k}, k <= j (current vector j)
+            self._omega_prev = np.zeros((p, cap + 1))  # omega_{j-1, k}
+            self._omega[:, 0] = 1.0
+            self._defect = np.zeros((p, cap))  # d_j = |v_{j-1}ᵀ w| before its removal
+            self._force = np.zeros(p, dtype=bool)
+            self._last_ranges: list[list[tuple[int, int]]] = [[] for _ in range(p)]
+
+    def _vector(self, j: int) -> torch.Tensor:
+        """The ``[p, n]`` block of vectors ``v_j`` (a view of the basis or of the vector pair)."""
+        if self.basis is not None:
+            return self.basis[:, j]
+        return self._pair[j % 2]
+
+    def _project_out(self, W: torch.Tensor, j: int) -> torch.Tensor:
+        """Remove from every row of ``W`` its components along its basis ``V[c, :j + 1]``.
+
+        One classical Gram–Schmidt pass batched over the processes: ``w - V (Vᵀ w)`` as two
+        batched matrix-vector products with the contiguous ``[j + 1, n]`` blocks (no host
+        synchronization). Returns ``[p, 1]`` the coefficients along ``v_j`` (they belong to
+        ``α_j``).
+        """
+        B = self.basis[:, : j + 1]  # [p, j + 1, n]
+        h = torch.bmm(B, W.unsqueeze(2))
+        W.unsqueeze(2).baddbmm_(B.transpose(1, 2), h, alpha=-1.0)
+        self.reorthogonalized_steps += self.p
+        return h[:, j]
+
+    def _project_out_range(self, w: torch.Tensor, c: int, j: int, lo: int, hi: int) -> float:
+        """Remove from ``w`` (row ``c``) its components along ``V[c, lo:hi]``; CGS + DGKS.
+
+        Returns the coefficient along ``v_j`` (0 when ``j`` is outside the range).
+        """
+        B = self.basis[c, lo:hi]
+        before = torch.linalg.vector_norm(w)
+        h = B @ w
+        w.addmv_(B.T, h, alpha=-1.0)
+        if bool(torch.linalg.vector_norm(w) < _REORTH_ETA * before):
+            self.second_passes += 1
+            h2 = B @ w
+            w.addmv_(B.T, h2, alpha=-1.0)
+            h = h + h2
+        return h[j - lo].item() if lo <= j < hi else 0.0
+
+    def _random_orthogonal(self, c: int, j: int) -> torch.Tensor | None:
+        """A random unit vector orthogonal to ``V[c, :j]`` (None if numerically impossible)."""
+        B = self.basis[c, :j]
+        for _ in range(3):
+            r = torch.randn(self.n, generator=self.generator, dtype=self.dtype, device=self.device)
+            r = r / torch.linalg.vector_norm(r)
+            for _ in range(2):
+                r = r - B.T @ (B @ r)
+            nr = torch.linalg.vector_norm(r).item()
+            # A random unit vector keeps about sqrt((n - j) / n) of its norm; far less means it
+            # was numerically in the span of the basis.
+            if nr > 0.1 * math.sqrt((self.n - j) / self.n):
+                return r / nr
+        return None
+
+    def _update_omega(self, j: int, rows: np.ndarray) -> np.ndarray:
+        r"""Advance the estimates :math:`\omega_{j+1,k}` (rows ``rows``); return ``max_k |ω|``."""
+        a, b, eps = self.alphas[rows], self.betas[rows], self._eps
+        om, om_prev = self._omega[rows], self._omega_prev[rows]
+        new = np.zeros_like(om)
+        if j > 0:
+            k = np.arange(j)
+            t = b[:, k] * om[:, k + 1] + (a[:, k] - a[:, j : j + 1]) * om[:, k]
+            t -= b[:, j - 1 : j] * om_prev[:, k]
+            t[:, 1:] += b[:, k[1:] - 1] * om[:, k[1:] - 1]
+            d = self._defect[rows]
+            scale = b[:, k] + b[:, j : j + 1] + self.anorm[rows][:, None]
+            theta = eps * scale + d[:, k] + d[:, j : j + 1]
+            t += np.where(t >= 0, theta, -theta)
+            safe = np.where(b[:, j] > 0, b[:, j], 1.0)[:, None]
+            new[:, :j] = t / safe
+        new[:, j] = eps  # after the local step against v_j
+        new[:, j + 1] = 1.0
+        self._omega_prev[rows] = om
+        self._omega[rows] = new
+        return np.abs(new[:, :j]).max(axis=1) if j > 0 else np.zeros(len(rows))
+
+    def _ranges(self, c: int, j: int) -> list[tuple[int, int]]:
+        r"""Index ranges ``[lo, hi)`` where :math:`|\omega_{j+1,k}| > \varepsilon^{3/4}`.
+
+        Orthogonality is lost along converged Ritz vectors, which live in a few stretches of the
+        basis (usually its first vectors): reorthogonalizing against those stretches only (Larsen
+        1998) keeps the cost of a partial reorthogonalization far below that of a full one. Runs
+        closer than 8 vectors are merged into one range.
+        """
+        idx = np.flatnonzero(np.abs(self._omega[c, :j]) > self._eps**0.75)
+        if idx.size == 0:
+            return []
+        cuts = np.flatnonzero(np.diff(idx) > 8)
+        lows = np.concatenate([idx[:1], idx[cuts + 1]])
+        highs = np.concatenate([idx[cuts], idx[-1:]]) + 1
+        return list(zip(lows.tolist(), highs.tolist(), strict=True))
+
+    def _partial_reorthogonalization(self, W: torch.Tensor, j: int, beta: list[float]) -> bool:
+        """Update the estimates and reorthogonalize the rows that need it (``"partial"`` mode).
+
+        ``beta`` (host, ``[p]``) and ``self.alphas[:, j]`` are corrected in place for those rows.
+        Returns whether any row was reorthogonalized.
+        """
+        rows = np.flatnonzero(self.active)
+        if rows.size == 0:
+            return False
+        self.betas[:, j] = beta
+        level = self._update_omega(j, rows)
+        triggered, forced = level > math.sqrt(self._eps), self._force[rows]
+        # Simon's pair: a triggered reorthogonalization forces one at the next step too.
+        self._force[:] = False
+        self._force[rows[triggered & ~forced]] = True
+        need = rows[triggered | forced].tolist()
+        for c in need:
+            ranges = self._ranges(c, j) or self._last_ranges[c]
+            self._last_ranges[c] = ranges
+            w = W[c]
+            for lo, hi in ranges:
+                self.alphas[c, j] += self._project_out_range(w, c, j, lo, hi)
+                self._omega[c, lo:hi] = self._eps
+            self.reorthogonalized_steps += 1
+            beta[c] = torch.linalg.vector_norm(w).item()
+        return bool(need)
+
+    def _step(self) -> None:
+        j, p = self.m, self.p
+        cur = self._vector(j)
+        W = self._work
+        out = self.A.matmat(cur.T).T  # [p, n]; stopped processes have v = 0
+        anorm = torch.linalg.vector_norm(out, dim=1)
+        # Local three-term step, written into the work vector (the operator's output is never
+        # modified in place).
+        if j > 0:
+            torch.addcmul(out, self._vector(j - 1), self._beta_prev, value=-1.0, out=W)
+        else:
+            W.copy_(out)
+        alpha = _rowdot(cur, W)
+        W.addcmul_(cur, alpha, value=-1.0)
+        mode = self.mode
+        if mode == "full":
+            before = torch.linalg.vector_norm(W, dim=1)
+            alpha += self._project_out(W, j)
+            beta = torch.linalg.vector_norm(W, dim=1)
+            host = torch.stack([alpha[:, 0], beta, anorm, before]).tolist()
+            if any(b < _REORTH_ETA * b0 for b, b0 in zip(host[1], host[3], strict=True)):
+                # DGKS: the first pass cancelled most of some row; a second one, for all rows.
+                self.second_passes += p
+                alpha += self._project_out(W, j)
+                beta = torch.linalg.vector_norm(W, dim=1)
+                host[0], host[1] = torch.stack([alpha[:, 0], beta]).tolist()
+        elif mode == "partial":
+            if j > 0:  # local reorthogonalization against v_{j-1}; its size is a noise estimate
+                prev = self._vector(j - 1)
+                c_prev = _rowdot(prev, W)
+                W.addcmul_(prev, c_prev, value=-1.0)
+            else:
+                c_prev = torch.zeros_like(alpha)
+            c_cur = _rowdot(cur, W)
+            W.addcmul_(cur, c_cur, value=-1.0)
+            alpha += c_cur
+            beta = torch.linalg.vector_norm(W, dim=1)
+            host = torch.stack([alpha[:, 0], beta, anorm, c_prev[:, 0].abs()]).tolist()
+            self._defect[:, j] = host[3]
+        else:
+            beta = torch.linalg.vector_norm(W, dim=1)
+            host = torch.stack([alpha[:, 0], beta, anorm]).tolist()
+        alpha_h, beta_h = host[0], host[1]
+        active = self.active
+        all_active = self._num_active == p
+        if not all_active:  # stopped rows: zero vectors, zero coefficients
+            alpha_h = [a if on else 0.0 for a, on in zip(alpha_h, active, strict=True)]
+            beta_h = [b if on else 0.0 for b, on in zip(beta_h, active, strict=True)]
+        self.alphas[:, j] = alpha_h
+        self.anorm = np.maximum(self.anorm, host[2])
+        beta_dev: torch.Tensor | None = beta  # the device copy, while it equals beta_h
+        if mode == "partial" and self._partial_reorthogonalization(W, j, beta_h):
+            beta_dev = None
+
+        self.m = j + 1
+        if all_active:
+            self.lengths[:] = j + 1
+        else:
+            self.lengths[active] = j + 1
+        if j + 1 >= self.n:  # the basis spans the whole space: T_n is exact
+            self.betas[:, j] = beta_h
+            self.finished = True
+            return
+        tol, tiny = self.breakdown_tol, self._tiny
+        broken = [
+            c for c in range(p) if active[c] and beta_h[c] <= tol * max(float(self.anorm[c]), tiny)
+        ]
+        restarts: dict[int, torch.Tensor] = {}
+        for c in broken:
+            # Invariant subspace: the Krylov space cannot grow from this start vector.
+            self.breakdowns[c].append(j)
+            beta_h[c] = 0.0  # T becomes block diagonal (or the column ends)
+            restart = None
+            if self.can_restart and j + 1 < self.capacity:
+                restart = self._random_orthogonal(c, j + 1)
+            if restart is None:
+                self.active[c] = False
+                self._num_active -= 1
+            else:
+                restarts[c] = restart
+                if mode == "partial":
+                    self._omega[c, : j + 1] = self._eps
+                    self._force[c] = False
+                    self._last_ranges[c] = []
+        self.betas[:, j] = beta_h
+        if self._num_active == 0:
+            self.finished = True
+        if j + 1 >= self.capacity:
+            return
+        nxt = self._vector(j + 1)
+        if beta_dev is None or broken or not all_active:
+            beta_dev = torch.tensor(beta_h, dtype=self.dtype, device=self.device)
+            scale = torch.where(beta_dev > 0, beta_dev, torch.ones_like(beta_dev))
+            torch.div(W, scale[:, None], out=nxt)
+            for c in range(p):
+                if not self.active[c]:
+                    nxt[c].zero_()
+            for c, r in restarts.items():
+                nxt[c].copy_(r)
+        else:
+            torch.div(W, beta_dev[:, None], out=nxt)
+        self._beta_prev = beta_dev[:, None]
+
+    def run(self, num_steps: int) -> None:
+        """Advance every process until ``num_steps`` steps are done (or none can go further)."""
+        num_steps = min(int(num_steps), self.capacity)
+        while self.m < num_steps and not self.finished:
+            self._step()
+
+    def result(self, column: int = 0, return_basis: bool = False) -> LanczosResult:
+        """The state of one process as a :class:`LanczosResult`."""
+        m = int(self.lengths[column])
+        to = {"dtype": self.dtype, "device": self.device}
+        alphas = torch.tensor(self.alphas[column, :m], **to)
+        betas = torch.tensor(self.betas[column, : max(m - 1, 0)], **to)
+        beta_last = float(self.betas[column, m - 1]) if m else 0.0
+        basis = None
+        if return_basis and self.basis is not None:
+            basis = self.basis[column, :m].T
+        return LanczosResult(alphas, betas, beta_last, basis, list(self.breakdowns[column]))
+
+
 def lanczos(
     op: object,
     num_steps: int,
     *,
     v0: torch.Tensor | None = None,
     seed: int | None = 0,
-    reorthogonalize: bool = True,
+    reorthogonalize: bool | Reorthogonalization = True,
     return_basis: bool = False,
     accumulate_dtype: torch.dtype | None = None,
     on_breakdown: Literal["stop", "restart"] = "stop",
@@ -297,8 +554,11 @@ def lanczos(
         v0: Start vector ``[n]`` (normalized here). If None, a standard normal vector drawn from a
             :class:`torch.Generator` on the operator's device seeded with ``seed``.
         seed: Seed of the start vector (and of restart vectors).
-        reorthogonalize: Reorthogonalize each vector against the whole basis (default). False keeps
-            three vectors only and lets ghost copies of converged eigenvalues appear.
+        reorthogonalize: ``True`` / ``"full"`` (default): reorthogonalize each vector against the
+            whole basis. ``"partial"``: only when the estimated loss of orthogonality exceeds
+            :math:`\sqrt\varepsilon` (Simon 1984; same Ritz values to rounding, a fraction of the
+            cost, a semi-orthogonal basis; see the module docstring). ``False`` / ``"none"``:
+            three vectors only, and ghost copies of converged eigenvalues appear.
         return_basis: Return ``V_m`` (``[n, m]``, on the operator's device). With
             ``reorthogonalize=False`` this stores the basis anyway, but does not use it.
         accumulate_dtype: Dtype of the vectors and coefficients (e.g. ``torch.float64`` for a
@@ -308,7 +568,7 @@ def lanczos(
             ``A`` has fewer distinct eigenvalues than ``m``): ``"stop"`` returns the ``j + 1``
             steps done — the spectral information is then exact — and ``"restart"`` continues with
             a random vector orthogonal to the basis (``β_j = 0`` in ``T``), which lets the
-            eigenvalue multiplicities appear. Restarts need ``reorthogonalize=True``.
+            eigenvalue multiplicities appear. Restarts need reorthogonalization.
         breakdown_tol: Breakdown when :math:`\beta_j \le` ``breakdown_tol`` :math:`\cdot\|A\|_2`
             (estimated). Default ``100 ε`` of the operator's dtype.
 
@@ -328,6 +588,7 @@ def lanczos(
         raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
     if on_breakdown not in ("stop", "restart"):
         raise ValueError(f"on_breakdown must be 'stop' or 'restart', got {on_breakdown!r}.")
+    mode = reorthogonalization_mode(reorthogonalize)
     dtype = accumulate_dtype or A.dtype
     generator = make_generator(A.device, seed)
     if v0 is None:
@@ -336,18 +597,18 @@ def lanczos(
         v0 = torch.as_tensor(v0).to(device=A.device, dtype=dtype).reshape(-1)
         if v0.shape[0] != A.n:
             raise ValueError(f"v0 has {v0.shape[0]} entries but the operator has size {A.n}.")
-    proc = LanczosProcess(
+    proc = LanczosRecurrence(
         A,
-        v0,
+        v0.unsqueeze(1),
         capacity=num_steps,
-        reorthogonalize=reorthogonalize,
+        reorthogonalize=mode,
         keep_basis=return_basis,
         on_breakdown=on_breakdown,
-        breakdown_tol=default_breakdown_tol(A.dtype) if breakdown_tol is None else breakdown_tol,
+        breakdown_tol=breakdown_tol,
         generator=generator,
     )
     proc.run(num_steps)
-    return proc.result(return_basis)
+    return proc.result(0, return_basis)
 
 
 def batched_lanczos(
@@ -355,23 +616,24 @@ def batched_lanczos(
     V0: torch.Tensor,
     num_steps: int,
     *,
-    reorthogonalize: bool = True,
+    reorthogonalize: bool | Reorthogonalization = True,
     breakdown_tol: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Independent Lanczos processes from the columns of ``V0``, advanced in lockstep.
 
     Every step applies the operator once to all ``p`` current vectors with one ``matmat`` (our
-    operators batch the columns with ``vmap``, which is much cheaper than ``p`` products), then
-    runs the usual recurrence and full reorthogonalization column by column (batched GEMVs). Used
-    for stochastic Lanczos quadrature, where probes are independent. A column whose process breaks
-    down (invariant subspace) stops there: its vector is set to zero and its coefficients end.
+    operators batch the columns with ``vmap``, which is much cheaper than ``p`` products); the
+    recurrence and the reorthogonalization are batched over the columns
+    (:class:`LanczosRecurrence`, the same code as :func:`lanczos`). Used for stochastic Lanczos
+    quadrature, where probes are independent. A column whose process breaks down (invariant
+    subspace) stops there: its vector is set to zero and its coefficients end.
 
     Args:
         op: Symmetric linear-operator-like object.
         V0: ``[n, p]`` start vectors (normalized here), in the working dtype.
         num_steps: Steps ``m`` per process (capped at ``n``).
-        reorthogonalize: Full reorthogonalization of each process against its own basis
-            (memory ``p × m × n``).
+        reorthogonalize: ``True`` / ``"full"``, ``"partial"`` or ``False`` / ``"none"``, as in
+            :func:`lanczos`, each process against its own basis (memory ``p × m × n``).
         breakdown_tol: As in :func:`lanczos`; default ``100 ε`` of the operator's dtype.
 
     Returns:
@@ -379,52 +641,13 @@ def batched_lanczos(
         a breakdown) and ``[p]`` the number of steps of each process.
     """
     A = as_linear_operator(op)
-    n, p = V0.shape
+    n = A.n
     m = min(int(num_steps), n)
-    dtype, device = V0.dtype, V0.device
-    tol = default_breakdown_tol(A.dtype) if breakdown_tol is None else breakdown_tol
-    norms = torch.linalg.vector_norm(V0, dim=0)
-    if not bool(torch.all(norms > 0)):
-        raise ValueError("Every Lanczos start vector must be nonzero.")
-    v = (V0 / norms).T.contiguous()  # [p, n]: one process per row
-    v_prev = torch.zeros_like(v)
-    basis = torch.empty(p, m, n, dtype=dtype, device=device) if reorthogonalize else None
-    if basis is not None:
-        basis[:, 0] = v
-    alphas = torch.zeros(p, m, dtype=dtype, device=device)
-    betas = torch.zeros(p, m, dtype=dtype, device=device)
-    lengths = torch.full((p,), m, dtype=torch.long)
-    active = torch.ones(p, dtype=torch.bool, device=device)
-    anorm = torch.zeros(p, dtype=dtype, device=device)
-    for j in range(m):
-        w = A.matmat(v.T).T  # [p, n]; stopped processes have v = 0
-        anorm = torch.maximum(anorm, torch.linalg.vector_norm(w, dim=1))
-        w = w - betas[:, j - 1 : j] * v_prev if j > 0 else w.clone()
-        alpha = (v * w).sum(dim=1)
-        w -= alpha[:, None] * v
-        if basis is not None:
-            Bj = basis[:, : j + 1]  # [p, j+1, n]
-            before = torch.linalg.vector_norm(w, dim=1)
-            h = torch.bmm(Bj, w.unsqueeze(2))  # [p, j+1, 1]
-            w -= torch.bmm(Bj.transpose(1, 2), h).squeeze(2)
-            alpha += h[:, j, 0]
-            if bool((torch.linalg.vector_norm(w, dim=1) < _REORTH_ETA * before).any()):
-                h2 = torch.bmm(Bj, w.unsqueeze(2))  # DGKS second pass, for all rows at once
-                w -= torch.bmm(Bj.transpose(1, 2), h2).squeeze(2)
-                alpha += h2[:, j, 0]
-        beta = torch.linalg.vector_norm(w, dim=1)
-        alphas[:, j] = torch.where(active, alpha, torch.zeros_like(alpha))
-        if j + 1 == m:
-            break
-        stop = active & (beta <= tol * anorm)
-        for c in torch.nonzero(stop).flatten().tolist():
-            lengths[c] = j + 1
-        active &= ~stop
-        betas[:, j] = torch.where(active, beta, torch.zeros_like(beta))
-        safe = torch.where(active, beta, torch.ones_like(beta))
-        v_prev, v = v, torch.where(active[:, None], w / safe[:, None], torch.zeros_like(w))
-        if basis is not None:
-            basis[:, j + 1] = v
-        if not bool(active.any()):
-            break
-    return alphas, betas[:, : m - 1], lengths
+    proc = LanczosRecurrence(
+        A, V0, capacity=m, reorthogonalize=reorthogonalize, breakdown_tol=breakdown_tol
+    )
+    proc.run(m)
+    to = {"dtype": V0.dtype, "device": V0.device}
+    alphas = torch.tensor(proc.alphas[:, :m], **to)
+    betas = torch.tensor(proc.betas[:, : m - 1], **to)
+    return alphas, betas, torch.from_numpy(proc.lengths.copy())

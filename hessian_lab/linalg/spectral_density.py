@@ -20,7 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
-from hessian_lab.linalg.lanczos import batched_lanczos, default_breakdown_tol, tridiagonal_eigh
+from hessian_lab.linalg.lanczos import (
+    Reorthogonalization,
+    batched_lanczos,
+    default_breakdown_tol,
+    reorthogonalization_mode,
+    tridiagonal_eigh,
+)
 from hessian_lab.linalg.linear_operator import as_linear_operator, reports_progress
 from hessian_lab.linalg.probes import make_generator, rademacher
 
@@ -189,7 +195,7 @@ def spectral_density(
     num_steps: int = 80,
     seed: int | None = 0,
     *,
-    reorthogonalize: bool = True,
+    reorthogonalize: bool | Reorthogonalization = True,
     accumulate_dtype: torch.dtype | None = None,
     probe_batch_size: int | None = None,
 ) -> SpectralDensity:
@@ -204,8 +210,10 @@ def spectral_density(
         num_steps: Lanczos steps per probe (more steps: finer resolution of the spectrum; the
             quadrature is exact for polynomials of degree ``< 2 num_steps``). Capped at ``n``.
         seed: Seed of the probes (a :class:`torch.Generator` on the operator's device).
-        reorthogonalize: Full reorthogonalization (default; without it, ghost nodes share the weight
-            of outliers and the basis is not stored).
+        reorthogonalize: ``True`` / ``"full"``: full reorthogonalization (default);
+            ``"partial"``: Simon's partial reorthogonalization (the same nodes and weights to
+            rounding, less time; see :mod:`~hessian_lab.linalg.lanczos`); ``False`` / ``"none"``:
+            ghost nodes share the weight of outliers, and the basis is not stored.
         accumulate_dtype: Working dtype of the Lanczos vectors (e.g. float64 for float32 operators).
         probe_batch_size: Probes run in lockstep, sharing one ``matmat`` per step (much cheaper
             than one product per probe with our vmapped operators). Memory: ``probe_batch_size ×
@@ -228,12 +236,13 @@ def spectral_density(
     A = as_linear_operator(op)
     if num_probes < 1 or num_steps < 1:
         raise ValueError("num_probes and num_steps must be positive.")
+    mode = reorthogonalization_mode(reorthogonalize)
     dtype = accumulate_dtype or A.dtype
     m = min(int(num_steps), A.n)
     if probe_batch_size is None:
         # Probes share each product (one matmat per step); keep their bases within ~256 MB.
         itemsize = torch.empty((), dtype=dtype).element_size()
-        per_probe = (m if reorthogonalize else 3) * A.n * itemsize
+        per_probe = (m if mode != "none" else 3) * A.n * itemsize
         probe_batch_size = max(1, min(num_probes, (256 * 2**20) // per_probe))
     gen = make_generator(A.device, seed)
     nodes = torch.zeros(num_probes, m, dtype=torch.float64)
@@ -242,7 +251,7 @@ def spectral_density(
         b = min(probe_batch_size, num_probes - start)
         Z = rademacher((A.n, b), generator=gen, dtype=dtype, device=A.device)
         alphas, betas, lengths = batched_lanczos(
-            A, Z, m, reorthogonalize=reorthogonalize, breakdown_tol=default_breakdown_tol(A.dtype)
+            A, Z, m, reorthogonalize=mode, breakdown_tol=default_breakdown_tol(A.dtype)
         )
         for c in range(b):
             k = int(lengths[c])  # a breakdown ends a probe early: its quadrature is exact

@@ -12,21 +12,18 @@ With Rademacher probes ``z`` (:math:`E[z z^\top] = I`):
 * :math:`\|A\|_F^2 = \operatorname{tr}(A^\top A) = E\|A z\|^2`.
 
 Every estimator returns its standard error :math:`s/\sqrt{p}` (``s`` the sample standard deviation
-over the ``p`` probe values), so a user can tell how many digits to trust.
+over the ``p`` probe values), so a user can tell how many digits to trust. All of them are
+:func:`~hessian_lab.linalg.monte_carlo.monte_carlo_estimate` with their integrand.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
-from hessian_lab.linalg.linear_operator import (
-    TorchLinearOperator,
-    as_linear_operator,
-    reports_progress,
-)
+from hessian_lab.linalg.linear_operator import as_linear_operator, reports_progress
+from hessian_lab.linalg.monte_carlo import MonteCarloEstimate, monte_carlo_estimate
 from hessian_lab.linalg.probes import make_generator, rademacher
 
 __all__ = [
@@ -53,20 +50,11 @@ class TraceEstimate(NamedTuple):
     num_matvecs: int
 
 
-def _standard_error(samples: torch.Tensor) -> float:
-    p = samples.numel()
-    return samples.std().item() / math.sqrt(p) if p > 1 else float("nan")
-
-
-def _probe_blocks(A: TorchLinearOperator, num_probes: int, batch_size: int, seed: int | None):
-    """Yield ``(Z, A Z)`` for blocks of Rademacher probes ``Z`` of shape ``[n, b]``."""
-    gen = make_generator(A.device, seed)
-    done = 0
-    while done < num_probes:
-        b = min(batch_size, num_probes - done)
-        Z = rademacher((A.n, b), generator=gen, dtype=A.dtype, device=A.device)
-        yield Z, A.matmat(Z)
-        done += b
+def _trace_estimate(est: MonteCarloEstimate, offset: float = 0.0) -> TraceEstimate:
+    """Package a scalar :class:`MonteCarloEstimate` (with samples) as a :class:`TraceEstimate`."""
+    return TraceEstimate(
+        offset + est.mean.item(), est.standard_error.item(), est.samples, est.num_probes
+    )
 
 
 @reports_progress("Hutchinson trace", total=lambda a: a["num_probes"])
@@ -92,12 +80,15 @@ def hutchinson_trace(
         45.0
     """
     A = as_linear_operator(op)
-    vals = [
-        (Z * AZ).sum(dim=0).to("cpu", torch.float64)
-        for Z, AZ in _probe_blocks(A, num_probes, batch_size, seed)
-    ]
-    samples = torch.cat(vals)
-    return TraceEstimate(samples.mean().item(), _standard_error(samples), samples, num_probes)
+    est = monte_carlo_estimate(
+        A,
+        lambda Z, AZ: (Z * AZ).sum(dim=0),
+        num_probes,
+        make_generator(A.device, seed),
+        batch_size=batch_size,
+        keep_samples=True,
+    )
+    return _trace_estimate(est)
 
 
 @reports_progress("Hutchinson squared Frobenius norm", total=lambda a: a["num_probes"])
@@ -114,12 +105,15 @@ def hutchinson_squared_frobenius_norm(
         progress: Show a progress bar counting the products (default ``False``).
     """
     A = as_linear_operator(op)
-    vals = [
-        (AZ * AZ).sum(dim=0).to("cpu", torch.float64)
-        for _, AZ in _probe_blocks(A, num_probes, batch_size, seed)
-    ]
-    samples = torch.cat(vals)
-    return TraceEstimate(samples.mean().item(), _standard_error(samples), samples, num_probes)
+    est = monte_carlo_estimate(
+        A,
+        lambda Z, AZ: (AZ * AZ).sum(dim=0),
+        num_probes,
+        make_generator(A.device, seed),
+        batch_size=batch_size,
+        keep_samples=True,
+    )
+    return _trace_estimate(est)
 
 
 @reports_progress("Hutch++ trace", total=lambda a: a["num_matvecs"])
@@ -153,16 +147,14 @@ def hutchpp_trace(
     S = rademacher((A.n, k), generator=gen, dtype=A.dtype, device=A.device)
     Q, _ = torch.linalg.qr(A.matmat(S))
     exact = torch.trace(Q.T @ A.matmat(Q)).to("cpu", torch.float64).item()
-    vals = []
-    done = 0
-    while done < p:
-        b = min(batch_size, p - done)
-        G = rademacher((A.n, b), generator=gen, dtype=A.dtype, device=A.device)
-        G = G - Q @ (Q.T @ G)  # (I - QQᵀ) G
-        # gᵀ(I-QQᵀ)A(I-QQᵀ)g = g'ᵀ A g' for the deflated g' = (I-QQᵀ)g.
-        AG = A.matmat(G)
-        vals.append((G * AG).sum(dim=0).to("cpu", torch.float64))
-        done += b
-    samples = torch.cat(vals) if vals else torch.zeros(0, dtype=torch.float64)
-    rest = samples.mean().item() if samples.numel() else 0.0
-    return TraceEstimate(exact + rest, _standard_error(samples), samples, 2 * k + p)
+    # gᵀ(I-QQᵀ)A(I-QQᵀ)g = g'ᵀ A g' for the deflated probes g' = (I-QQᵀ)g.
+    est = monte_carlo_estimate(
+        A,
+        lambda G, AG: (G * AG).sum(dim=0),
+        p,
+        gen,
+        batch_size=batch_size,
+        probe_map=lambda G: G - Q @ (Q.T @ G),
+        keep_samples=True,
+    )
+    return TraceEstimate(exact + est.mean.item(), est.standard_error.item(), est.samples, 2 * k + p)
