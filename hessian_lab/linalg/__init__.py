@@ -10,6 +10,7 @@ from hessian_lab.linalg.diagonal import DiagonalEstimate, hutchinson_diagonal
 from hessian_lab.linalg.eigsh import EigshResult, eigsh
 from hessian_lab.linalg.lanczos import LanczosResult, lanczos
 from hessian_lab.linalg.linear_operator import TorchLinearOperator, as_linear_operator
+from hessian_lab.linalg.monte_carlo import MonteCarloEstimate, monte_carlo_estimate
 from hessian_lab.linalg.spectral_density import SpectralDensity, spectral_density
 from hessian_lab.linalg.trace import (
     TraceEstimate,
@@ -24,6 +25,7 @@ __all__ = [
     "DiagonalEstimate",
     "EigshResult",
     "LanczosResult",
+    "MonteCarloEstimate",
     "SpectralDensity",
     "TorchLinearOperator",
     "TraceEstimate",
@@ -36,5 +38,6 @@ __all__ = [
     "hutchinson_trace",
     "hutchpp_trace",
     "lanczos",
+    "monte_carlo_estimate",
     "spectral_density",
 ]

@@ -50,7 +50,7 @@ Ritz value converges, and converged eigenvalues reappear as spurious copies ("gh
   projection of ``A`` on the Krylov space to working precision (Simon 1984): Ritz values as
   accurate as with full reorthogonalization and no ghosts, for less traffic — how much less
   depends on how fast Ritz values converge (a few percent of the full cost on spectra without
-  outliers; about half on a float32 network's Gauss–Newton matrix, whose outliers converge in a
+  outliers; about 60% on a float32 network's Gauss–Newton matrix, whose outliers converge in a
   few steps). The returned basis is then only semi-orthogonal.
 * ``"none"``: the local step only; three vectors in memory, for spectral-density work on very
   large operators where ghosts only move a little weight.
