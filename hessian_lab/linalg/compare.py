@@ -219,7 +219,7 @@ def compare_operators(
                     continue
                 rel, se_rel = _ratio_with_se(samples[distance_row[i, j]], samples[r + i])
                 dist = math.sqrt(max(rel, 0.0))
-                # d sqrt(r) = dr / (2 sqrt(r)).
+                # d sqrt(rel) = d rel / (2 sqrt(rel)).
                 se = se_rel / (2 * dist) if dist > 0 else math.nan
                 add("relative_frobenius_distance", a, dist, other=b, se=se)
 
