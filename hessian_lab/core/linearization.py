@@ -171,7 +171,9 @@ class Linearization:
     def jvp_batched(self, tangents: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Return ``[k, *z.shape]`` for k tangents given as ``[k, *shape]`` tensors."""
         k = next(iter(tangents.values())).shape[0]
-        if k == 1 or self.method == "double_backward":
+        if k == 1:
+            return self.jvp({n: t[0] for n, t in tangents.items()}).unsqueeze(0)
+        if self.method == "double_backward":
             # Double backward: a loop measured as fast as is_grads_batched per column.
             return torch.stack([self.jvp({n: t[i] for n, t in tangents.items()}) for i in range(k)])
         jvp_fn = self._linearized()  # decided outside vmap: tracing must not run under it
@@ -199,5 +201,7 @@ class Linearization:
 
     def vjp_batched(self, cotangents: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return Jᵀ w for k cotangents ``[k, *z.shape]``; values are ``[k, *shape]``."""
+        if cotangents.shape[0] == 1:  # views, no stacked copies
+            return {n: t.unsqueeze(0) for n, t in self.vjp(cotangents[0]).items()}
         cols = [self.vjp(c) for c in cotangents]  # a loop: measured faster than batched grads
         return {n: torch.stack([c[n] for c in cols]) for n in self._leaves}

@@ -266,31 +266,33 @@ class CurvatureOperator(ABC):
                 f"Vector is on {v.device} but the operator is on {self.device}; "
                 f"move it with v.to('{self.device}')."
             )
-        if not bool(torch.isfinite(v).all()):
+        # One reduction instead of a P-sized boolean temporary: the sum is finite unless an entry
+        # is NaN/inf (or the sum overflows, which the exact check below then rules out).
+        if not bool(torch.isfinite(v.sum())) and not bool(torch.isfinite(v).all()):
             raise ValueError("Vector has NaN or infinite entries; a product with it is undefined.")
         return v
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """Return C V for a ``[P, k]`` matrix V (k products, batched as ``matmat_mode`` says)."""
-        V = self._check_vector(V, matrix=True)
+        return self._matmat(self._check_vector(V, matrix=True))
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         tangents = vector_to_params(V, self._params)
         out = torch.zeros_like(V)
         with torch.no_grad():
             for weight, state in self._iter_states():
                 if self.matmat_mode == "loop" and V.shape[1] > 1:
-                    cols = [
-                        {n: t[i : i + 1] for n, t in tangents.items()} for i in range(V.shape[1])
-                    ]
-                    prod = torch.cat([self._batch_matmat(state, c) for c in cols], dim=1)
+                    for i in range(V.shape[1]):  # into out's column: no concatenated copy
+                        column = {n: t[i : i + 1] for n, t in tangents.items()}
+                        out[:, i : i + 1].add_(self._batch_matmat(state, column), alpha=weight)
                 else:
-                    prod = self._batch_matmat(state, tangents)
-                out.add_(prod, alpha=weight)
+                    out.add_(self._batch_matmat(state, tangents), alpha=weight)
         return self._all_reduce(out)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """Return C v for a flat vector v of length P."""
         v = self._check_vector(v, matrix=False)
-        return self.matmat(v.unsqueeze(1)).squeeze(1)
+        return self._matmat(v.unsqueeze(1)).squeeze(1)
 
     def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
         return self.matmat(v) if isinstance(v, torch.Tensor) and v.dim() == 2 else self.matvec(v)

@@ -88,11 +88,10 @@ class EmpiricalFisherOperator(JacobianCurvatureOperator):
             return output_curvature(self.loss_reduction, outputs, targets)
         return gradient_outer_product(self.loss_reduction)
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """Return GN V for a ``[P, k]`` matrix V."""
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """GN V for a checked ``[P, k]`` matrix V; for ``mode="batch"`` G (Gᵀ V)."""
         if self.mode == "per_sample":
-            return super().matmat(V)
-        V = self._check_vector(V, matrix=True)
+            return super()._matmat(V)
         G = self.gradient()
         return G.unsqueeze(1) * (G @ V).unsqueeze(0)
 

@@ -142,6 +142,8 @@ class HessianOperator(CurvatureOperator):
             )
 
     def _columns(self, cols: list[list[torch.Tensor]]) -> torch.Tensor:
+        if len(cols) == 1:  # a view, not a stacked copy
+            return params_to_vector(cols[0]).unsqueeze(1)
         return torch.stack([params_to_vector(c) for c in cols], dim=1)
 
     def _batch_quadratic(
