@@ -5,7 +5,8 @@ threads only add synchronization. Measured on the 2-core CI machine under load: 
 references took 28 s with one thread and several minutes with two. ``HESSIAN_LAB_TEST_THREADS=2``
 runs the suite with another thread count, which changes the order of floating-point sums: no test
 may depend on it (issue 9), and this is how to check. Some test files pin one thread themselves
-(their training runs compare a run with its resumed copy).
+(their training runs compare a run with its resumed copy): the ``one_thread`` fixture below, with
+``pytestmark = pytest.mark.usefixtures("one_thread")``.
 
 Other rounding changes to check the same way: ``MKL_ENABLE_INSTRUCTIONS=AVX2`` (MKL's kernels; on
 an AVX-512 Intel CPU this changes rounding) and ``ATEN_CPU_CAPABILITY=default`` or ``avx2``
@@ -17,10 +18,20 @@ is available (``tests/operator_helpers.py``).
 
 import os
 
+import pytest
 import torch
 
 THREADS = int(os.environ.get("HESSIAN_LAB_TEST_THREADS", "1"))
 torch.set_num_threads(THREADS)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread during the test, whatever ``HESSIAN_LAB_TEST_THREADS`` says."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _device_lines() -> list[str]:

@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from hessian_lab.experiments.checkpoint import load_checkpoint
 from hessian_lab.experiments.cli import main
@@ -62,14 +61,6 @@ def _strip_time(rows):
 
 # ADLER carries state (the running averages s_k, c_k) that must survive the kill; SGD has none.
 OPT = ["--optimizer", "adler"] if HAVE_ADLER else ["--optimizer", "sgd", "--lr", "0.1"]
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

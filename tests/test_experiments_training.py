@@ -5,7 +5,6 @@ import importlib.util
 import json
 
 import pytest
-import torch
 
 from hessian_lab.experiments.cli import main
 from hessian_lab.experiments.config import TrainConfig
@@ -38,12 +37,7 @@ def tiny(tmp_path, **changes):
     return TrainConfig(**values)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("opt", OPTIMIZERS)

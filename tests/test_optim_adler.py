@@ -6,41 +6,13 @@ import math
 
 import pytest
 import torch
+from optim_helpers import autograd_gradient, flat_params, mlp, mlp_batches
 from torch import nn
 
 from hessian_lab.optim import ADLER, ADLERRecord
 from hessian_lab.optim.step_size import step_size
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription stalls.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _mlp(dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
-
-
-def _batches(k, n=16, dtype=torch.float64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(n, 6, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g))
-        for _ in range(k)
-    ]
-
-
-def _flat(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def _gradient(model, loss_fn, x, y):
-    grads = torch.autograd.grad(loss_fn(model(x), y), list(model.parameters()))
-    return torch.cat([g.reshape(-1) for g in grads])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(
@@ -50,14 +22,14 @@ def _gradient(model, loss_fn, x, y):
 def test_recursion_matches_hand_unrolled_reference(curvature, averaging):
     beta, eps = 0.9, 1e-10
     loss_fn = nn.CrossEntropyLoss()
-    model, ref_model = _mlp(), _mlp()
+    model, ref_model = mlp(), mlp()
     opt = ADLER(model, loss_fn, curvature=curvature, beta=beta, eps=eps, averaging=averaging)
     rule = averaging or ("log" if curvature == "ggn" else "arithmetic")
     etas = []
-    for k, (x, y) in enumerate(_batches(5)):
+    for k, (x, y) in enumerate(mlp_batches(5)):
         # The reference: η_k from the stand-alone estimator at the same θ_k, then Algorithm 1.
         est = step_size(ref_model, loss_fn, x, y, curvature, eps=eps)
-        G = _gradient(ref_model, loss_fn, x, y)
+        G = autograd_gradient(ref_model, loss_fn, x, y)
         rec = opt.step(x, y)
         assert isinstance(rec, ADLERRecord) and not bool(rec.skipped)
         torch.testing.assert_close(rec.eta, est.eta, rtol=1e-12, atol=0)
@@ -73,9 +45,9 @@ def test_recursion_matches_hand_unrolled_reference(curvature, averaging):
             expected = sum(w * e for w, e in zip(weights, etas, strict=True)) / sum(weights)
         assert float(rec.eta_hat) == pytest.approx(expected, rel=1e-12)
         with torch.no_grad():
-            theta = _flat(ref_model) - expected * G
+            theta = flat_params(ref_model) - expected * G
             torch.nn.utils.vector_to_parameters(theta, ref_model.parameters())
-        torch.testing.assert_close(_flat(model), theta, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(flat_params(model), theta, rtol=1e-12, atol=1e-14)
     s, c = opt.averages
     assert float(c) == pytest.approx(sum(beta**i for i in range(5)), rel=1e-12)
     assert opt.num_steps == 5
@@ -84,9 +56,9 @@ def test_recursion_matches_hand_unrolled_reference(curvature, averaging):
 def test_first_step_uses_eta_and_beta_schedule_is_applied():
     loss_fn = nn.CrossEntropyLoss()
     betas = [0.7, 0.0, 0.5, 0.9, 1.0]
-    opt = ADLER(_mlp(), loss_fn, beta_schedule=lambda k: betas[k])
+    opt = ADLER(mlp(), loss_fn, beta_schedule=lambda k: betas[k])
     s_ref, c_ref = 0.0, 0.0
-    for k, (x, y) in enumerate(_batches(5)):
+    for k, (x, y) in enumerate(mlp_batches(5)):
         rec = opt.step(x, y)
         s_ref, c_ref = betas[k] * s_ref + math.log(float(rec.eta)), betas[k] * c_ref + 1
         assert float(rec.eta_hat) == pytest.approx(math.exp(s_ref / c_ref), rel=1e-12)
@@ -95,27 +67,27 @@ def test_first_step_uses_eta_and_beta_schedule_is_applied():
 
 
 def test_ef_batch_eta_is_inverse_gradient_norm():
-    opt = ADLER(_mlp(), nn.CrossEntropyLoss(), curvature="ef_batch", eps=0.0)
-    x, y = _batches(1)[0]
+    opt = ADLER(mlp(), nn.CrossEntropyLoss(), curvature="ef_batch", eps=0.0)
+    x, y = mlp_batches(1)[0]
     rec = opt.step(x, y)
     assert float(rec.eta) == pytest.approx(1.0 / float(rec.grad_sq), rel=1e-12)
 
 
 def test_nonfinite_batch_is_skipped_and_then_raises():
-    model = _mlp()
+    model = mlp()
     opt = ADLER(model, nn.CrossEntropyLoss(), max_consecutive_skips=3)
-    (x, y), (x2, y2) = _batches(2)
+    (x, y), (x2, y2) = mlp_batches(2)
     opt.step(x, y)
-    theta, (s, c) = _flat(model), [t.clone() for t in opt.averages]
+    theta, (s, c) = flat_params(model), [t.clone() for t in opt.averages]
     bad = x2.clone()
     bad[0, 0] = float("nan")
     for _ in range(2):
         rec = opt.step(bad, y2)
         assert bool(rec.skipped) and torch.isnan(rec.loss)
-        assert torch.equal(_flat(model), theta)
+        assert torch.equal(flat_params(model), theta)
         assert torch.equal(opt.averages[0], s) and torch.equal(opt.averages[1], c)
     rec = opt.step(x2, y2)  # a good step resets the count
-    assert not bool(rec.skipped) and not torch.equal(_flat(model), theta)
+    assert not bool(rec.skipped) and not torch.equal(flat_params(model), theta)
     opt.step(bad, y2)
     opt.step(bad, y2)
     with pytest.raises(RuntimeError, match="3 consecutive steps.*loss was not finite"):
@@ -129,10 +101,10 @@ def test_infinite_target_loss_and_never_raise():
         torch.randn(8, 4, dtype=torch.float64),
         torch.full((8, 2), float("inf"), dtype=torch.float64),
     )
-    theta = _flat(model)
+    theta = flat_params(model)
     for _ in range(12):
         assert bool(opt.step(x, y).skipped)
-    assert torch.equal(_flat(model), theta)
+    assert torch.equal(flat_params(model), theta)
 
 
 def test_negative_hessian_curvature_skips_with_explanation():
@@ -164,8 +136,8 @@ def test_state_dict_round_trip_is_bit_identical(options):
     if options.get("beta_schedule") == "fn":
         options["beta_schedule"] = lambda k: min(0.99, 0.5 + 0.1 * k)
     loss_fn = nn.CrossEntropyLoss()
-    batches = _batches(6, dtype=torch.float32)
-    model = _mlp(torch.float32)
+    batches = mlp_batches(6, dtype=torch.float32)
+    model = mlp(torch.float32)
     opt = ADLER(model, loss_fn, **options)
     for x, y in batches[:3]:
         opt.step(x, y)
@@ -175,7 +147,7 @@ def test_state_dict_round_trip_is_bit_identical(options):
 
     buffer.seek(0)
     ckpt = torch.load(buffer)
-    resumed_model = _mlp(torch.float32, seed=7)
+    resumed_model = mlp(torch.float32, seed=7)
     resumed_model.load_state_dict(ckpt["model"])
     # Built with the defaults: the options come back from the checkpoint.
     resumed = ADLER(resumed_model, loss_fn, beta_schedule=options.get("beta_schedule"))
@@ -190,43 +162,43 @@ def test_state_dict_round_trip_is_bit_identical(options):
 
 
 def test_load_state_dict_needs_the_same_beta_schedule():
-    opt = ADLER(_mlp(), nn.CrossEntropyLoss(), beta_schedule=lambda k: 0.9)
+    opt = ADLER(mlp(), nn.CrossEntropyLoss(), beta_schedule=lambda k: 0.9)
     with pytest.raises(ValueError, match="beta_schedule"):
-        ADLER(_mlp(), nn.CrossEntropyLoss()).load_state_dict(opt.state_dict())
+        ADLER(mlp(), nn.CrossEntropyLoss()).load_state_dict(opt.state_dict())
     with pytest.raises(ValueError, match="ADLER state dict"):
-        ADLER(_mlp(), nn.CrossEntropyLoss()).load_state_dict(
-            torch.optim.SGD(_mlp().parameters()).state_dict()
+        ADLER(mlp(), nn.CrossEntropyLoss()).load_state_dict(
+            torch.optim.SGD(mlp().parameters()).state_dict()
         )
 
 
 def test_max_lr_and_trust_region_bound_the_step():
-    x, y = _batches(1)[0]
-    free = ADLER(_mlp(), nn.CrossEntropyLoss())
+    x, y = mlp_batches(1)[0]
+    free = ADLER(mlp(), nn.CrossEntropyLoss())
     rec = free.step(x, y)
     cap = 0.25 * float(rec.eta)
-    capped_model = _mlp()
+    capped_model = mlp()
     rec = ADLER(capped_model, nn.CrossEntropyLoss(), max_lr=cap).step(x, y)
     # The cap bounds the applied rate; η̂ itself is the uncapped running average.
     assert float(rec.applied_lr) == pytest.approx(cap, rel=1e-12)
     assert float(rec.eta_hat) == pytest.approx(float(rec.eta), rel=1e-12)
     radius = 1e-3
-    tr_model = _mlp()
-    theta = _flat(tr_model)
+    tr_model = mlp()
+    theta = flat_params(tr_model)
     ADLER(tr_model, nn.CrossEntropyLoss(), trust_region=radius).step(x, y)
-    assert float((_flat(tr_model) - theta).norm()) == pytest.approx(radius, rel=1e-10)
+    assert float((flat_params(tr_model) - theta).norm()) == pytest.approx(radius, rel=1e-10)
 
 
 def test_params_selects_what_moves_and_options_are_validated():
-    model = _mlp()
+    model = mlp()
     frozen = model[0].weight.detach().clone()
     opt = ADLER(model, nn.CrossEntropyLoss(), params=["0.bias", "2.weight", "2.bias"])
-    opt.step(*_batches(1)[0])
+    opt.step(*mlp_batches(1)[0])
     assert torch.equal(model[0].weight, frozen)
     with pytest.raises(ValueError, match="one learning rate"):
         opt.add_param_group({"params": [model[0].weight]})
     for bad in ({"curvature": "fisher"}, {"beta": 1.5}, {"averaging": "median"}, {"max_lr": 0.0}):
         with pytest.raises(ValueError):
-            ADLER(_mlp(), nn.CrossEntropyLoss(), **bad)
+            ADLER(mlp(), nn.CrossEntropyLoss(), **bad)
 
 
 def test_vit_step_in_float32():

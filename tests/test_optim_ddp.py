@@ -1,42 +1,19 @@
 """ADLER under DistributedDataParallel (2 CPU processes, gloo) = one process on the whole batch."""
 
 import os
-import socket
 import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from optim_helpers import free_port, ln_mlp, ln_mlp_batches
 from torch import nn
 
 from hessian_lab.optim import ADLER
 
 STEPS = 4
 SIZES = (6, 10)  # unequal per-rank batches: the weighting must follow the examples
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 3)).double()
-
-
-def _batches():
-    g = torch.Generator().manual_seed(1)
-    n = sum(SIZES)
-    return [
-        (
-            torch.randn(n, 5, generator=g, dtype=torch.float64),
-            torch.randint(0, 3, (n,), generator=g),
-        )
-        for _ in range(STEPS)
-    ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # (curvature, jvp_method): the LayerNorm MLP's "auto" is double backward; forward mode too.
@@ -56,11 +33,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         results = {}
         for curvature, method in CASES:  # one process group for all: spawning is the slow part
-            ddp = nn.parallel.DistributedDataParallel(_model())
+            ddp = nn.parallel.DistributedDataParallel(ln_mlp())
             opt = ADLER(ddp, nn.CrossEntropyLoss(), curvature=curvature, jvp_method=method)
             lo = sum(SIZES[:rank])
             etas = []
-            for x, y in _batches():
+            for x, y in ln_mlp_batches(sum(SIZES), STEPS):
                 rec = opt.step(x[lo : lo + SIZES[rank]], y[lo : lo + SIZES[rank]])
                 etas.append(rec.eta)
             results[curvature, method] = {
@@ -75,16 +52,16 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ddp_results():
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(2, _free_port(), out_dir), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, free_port(), out_dir), nprocs=2, join=True)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
 
 
 @pytest.mark.parametrize("curvature, method", CASES)
 def test_ddp_matches_one_process_on_the_concatenated_batch(ddp_results, curvature, method):
     results = [r[curvature, method] for r in ddp_results]
-    model = _model()
+    model = ln_mlp()
     opt = ADLER(model, nn.CrossEntropyLoss(), curvature=curvature, jvp_method=method)
-    etas = torch.stack([opt.step(x, y).eta for x, y in _batches()])
+    etas = torch.stack([opt.step(x, y).eta for x, y in ln_mlp_batches(sum(SIZES), STEPS)])
     for res in results:
         torch.testing.assert_close(res["etas"], etas, rtol=1e-6, atol=0)
         for p, q in zip(res["params"], model.parameters(), strict=True):

@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from optim_helpers import flat_params, mlp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -24,17 +25,7 @@ pl = pytest.importorskip("pytorch_lightning")
 N, BATCH = 32, 8  # 4 steps of one epoch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data():
@@ -47,14 +38,10 @@ def _loader():
     return DataLoader(TensorDataset(*_data()), batch_size=BATCH, shuffle=False, num_workers=0)
 
 
-def _flat(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
 class _Module(pl.LightningModule):
     def __init__(self, manual=False, scheduler=None):
         super().__init__()
-        self.net = _mlp()
+        self.net = mlp()
         self.loss_fn = nn.CrossEntropyLoss()
         self.automatic_optimization = not manual
         self.scheduler = scheduler
@@ -113,7 +100,7 @@ def _fit(module):
 
 def _pattern_a(lrs=None):
     """The same trajectory written as pattern a: ADLER.step(x, y) on each batch."""
-    net = _mlp()
+    net = mlp()
     opt = ADLER(net, nn.CrossEntropyLoss())
     records = []
     for k, (x, y) in enumerate(_loader()):
@@ -132,16 +119,16 @@ def _check_against_pattern_a(module, lrs=None, rel=1e-10):
             got = float(getattr(rec, name))
             assert math.isfinite(got)
             assert math.isclose(got, float(getattr(want, name)), rel_tol=rel), name
-    theta, expected = _flat(module.net), _flat(net)
+    theta, expected = flat_params(module.net), flat_params(net)
     assert float((theta - expected).abs().max()) <= rel * float(expected.abs().max())
 
 
 def test_automatic_optimization():
     module = _Module()
-    theta0 = _flat(module.net)
+    theta0 = flat_params(module.net)
     trainer = _fit(module)
     assert trainer.optimizers[0] is module.adler
-    assert not torch.equal(_flat(module.net), theta0)
+    assert not torch.equal(flat_params(module.net), theta0)
     assert module.adler.num_steps == N // BATCH
     # Lightning called step(closure=...) once per batch, by keyword.
     assert len(module.step_calls) == N // BATCH
@@ -151,9 +138,9 @@ def test_automatic_optimization():
 
 def test_manual_optimization():
     module = _Module(manual=True)
-    theta0 = _flat(module.net)
+    theta0 = flat_params(module.net)
     _fit(module)
-    assert not torch.equal(_flat(module.net), theta0)
+    assert not torch.equal(flat_params(module.net), theta0)
     assert module.adler.num_steps == N // BATCH
     assert len(module.step_calls) == N // BATCH
     # LightningOptimizer.step(closure=None) still passes a (do-nothing) closure to ADLER.
@@ -197,7 +184,7 @@ def test_float32_default_precision():
             self.net = self.net.float()
 
     module = Module32()
-    theta0 = _flat(module.net)
+    theta0 = flat_params(module.net)
     trainer = pl.Trainer(
         max_epochs=1,
         enable_progress_bar=False,
@@ -212,7 +199,7 @@ def test_float32_default_precision():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*num_workers.*")
         trainer.fit(module, train_dataloaders=loader)
-    assert not torch.equal(_flat(module.net), theta0)
+    assert not torch.equal(flat_params(module.net), theta0)
     rec = module.adler.last_record
     assert not bool(rec.skipped)
     assert all(math.isfinite(float(getattr(rec, n))) for n in ("loss", "eta", "eta_hat"))

@@ -16,7 +16,6 @@ operators (``GGNOperator.quadratic_form``), which are tested on their own.
 import copy
 import math
 import os
-import socket
 import tempfile
 
 import pytest
@@ -24,6 +23,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from optim_helpers import (
+    assert_vectors_close,
+    autograd_gradient,
+    close,
+    flat_grad,
+    flat_params,
+    free_port,
+    ln_mlp,
+    ln_mlp_batches,
+    mlp,
+    mlp_batches,
+)
 from torch import nn
 
 from hessian_lab import ADLER, GGNOperator
@@ -34,62 +45,18 @@ REL = 1e-12
 CURVATURES = ("ggn", "ef", "ef_batch", "hessian")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _mlp(dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
-
-
-def _batches(k, n=16, dtype=torch.float64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(n, 6, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g))
-        for _ in range(k)
-    ]
-
-
-def _flat(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def _flat_grad(model):
-    return torch.cat([p.grad.detach().reshape(-1) for p in model.parameters()])
-
-
-def _gradient(model, loss_fn, x, y):
-    grads = torch.autograd.grad(loss_fn(model(x), y), list(model.parameters()))
-    return torch.cat([g.reshape(-1) for g in grads])
-
-
-def _close(actual, expected, rel=REL):
-    actual = float(actual.detach()) if torch.is_tensor(actual) else float(actual)
-    expected = float(expected)
-    assert math.isclose(actual, expected, rel_tol=rel, abs_tol=0.0), (actual, expected)
-
-
-def _assert_vectors_close(actual, expected, rel=REL):
-    """max |a − e| ≤ rel · max |e|: a relative error on the vector's scale."""
-    scale = float(expected.abs().max())
-    err = float((actual - expected).abs().max())
-    assert err <= rel * scale, (err, scale)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _assert_update(before, after, rate, grad, rel=1e-11):
-    _assert_vectors_close(after - before, -float(rate) * grad, rel)
+    assert_vectors_close(after - before, -float(rate) * grad, rel)
 
 
 def _assert_records_match(rec, ref, rel=REL, loss=True):
     for name in ("eta", "eta_hat", "applied_lr", "grad_sq", "curvature"):
-        _close(getattr(rec, name), getattr(ref, name), rel)
+        close(getattr(rec, name), getattr(ref, name), rel)
     if loss:
-        _close(rec.loss, ref.loss, rel)
+        close(rec.loss, ref.loss, rel)
     assert not bool(rec.skipped) and not bool(ref.skipped)
 
 
@@ -106,23 +73,23 @@ def _user_backward(opt, model, loss_fn, x, y):
 
 def test_pattern_a_computes_its_own_gradient_and_ignores_grad():
     loss_fn = nn.CrossEntropyLoss()
-    model = _mlp()
+    model = mlp()
     opt = ADLER(model, loss_fn)
-    (x, y), (x2, y2) = _batches(2)
+    (x, y), (x2, y2) = mlp_batches(2)
     _user_backward(opt, model, loss_fn, x2, y2)  # a stale gradient of another batch
     for p in model.parameters():
         p.grad.mul_(1e3)
-    grad = _gradient(model, loss_fn, x, y)
+    grad = autograd_gradient(model, loss_fn, x, y)
     eta = step_size(copy.deepcopy(model), loss_fn, x, y, "ggn").eta
-    theta = _flat(model)
+    theta = flat_params(model)
     stale = [p.grad.clone() for p in model.parameters()]
     rec = opt.step(x, y)
     # .grad is neither read nor written by pattern a.
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), stale, strict=True))
     assert isinstance(rec, ADLERRecord)
-    _close(rec.eta, eta)
-    _close(rec.grad_sq, grad @ grad)
-    _assert_update(theta, _flat(model), rec.applied_lr, grad)
+    close(rec.eta, eta)
+    close(rec.grad_sq, grad @ grad)
+    _assert_update(theta, flat_params(model), rec.applied_lr, grad)
     assert opt.last_record is not None
     _assert_records_match(opt.last_record, rec, rel=0.0)
 
@@ -135,10 +102,10 @@ def test_pattern_a_computes_its_own_gradient_and_ignores_grad():
 def test_pattern_b_equals_pattern_a(curvature):
     rel = REL if curvature == "ggn" else 1e-10
     loss_fn = nn.CrossEntropyLoss()
-    model_a, model_b = _mlp(), _mlp()
+    model_a, model_b = mlp(), mlp()
     opt_a = ADLER(model_a, loss_fn, curvature=curvature)
     opt_b = ADLER(model_b, loss_fn, curvature=curvature)
-    for x, y in _batches(3):
+    for x, y in mlp_batches(3):
         rec_a = opt_a.step(x, y)
         _user_backward(opt_b, model_b, loss_fn, x, y)
         rec_b = opt_b.step()
@@ -148,7 +115,7 @@ def test_pattern_b_equals_pattern_a(curvature):
         if curvature == "ef_batch":
             assert torch.isnan(rec_b.loss)
         _assert_records_match(opt_b.last_record, rec_b, 0.0, loss=curvature != "ef_batch")
-        _assert_vectors_close(_flat(model_b), _flat(model_a), rel)
+        assert_vectors_close(flat_params(model_b), flat_params(model_a), rel)
     assert opt_b.num_steps == 3
 
 
@@ -162,23 +129,23 @@ def test_pattern_b_equals_pattern_a(curvature):
 )
 def test_pattern_b_equals_pattern_a_with_options(options):
     loss_fn = nn.CrossEntropyLoss()
-    model_a, model_b = _mlp(), _mlp()
+    model_a, model_b = mlp(), mlp()
     opt_a = ADLER(model_a, loss_fn, **options)
     opt_b = ADLER(model_b, loss_fn, **options)
     frozen = model_b[0].weight.detach().clone()
     fraction = options.get("curvature_fraction")
-    for x, y in _batches(3):
+    for x, y in mlp_batches(3):
         m = math.ceil(fraction * len(y)) if fraction else len(y)
         with torch.no_grad():  # not recorded: grad is off
             sub_loss = loss_fn(model_b(x[:m]), y[:m])
         rec_a = opt_a.step(x, y)
         _user_backward(opt_b, model_b, loss_fn, x, y)  # .grad of every parameter, frozen ones too
         rec_b = opt_b.step()
-        _close(rec_b.loss, sub_loss)
+        close(rec_b.loss, sub_loss)
         # The record's loss after the user's backward is the curvature pass's: with a
         # curvature_fraction, that of the first ⌈f·N⌉ examples (docs); compared separately.
         _assert_records_match(rec_b, rec_a, 1e-10, loss="curvature_fraction" not in options)
-        _assert_vectors_close(_flat(model_b), _flat(model_a), 1e-10)
+        assert_vectors_close(flat_params(model_b), flat_params(model_a), 1e-10)
     if "params" in options:
         assert torch.equal(model_b[0].weight, frozen)
 
@@ -186,7 +153,7 @@ def test_pattern_b_equals_pattern_a_with_options(options):
 class _TwoInputs(nn.Module):
     def __init__(self):
         super().__init__()
-        self.net = _mlp()
+        self.net = mlp()
 
     def forward(self, a, b):
         return self.net(torch.cat([a, b], dim=1))
@@ -194,7 +161,7 @@ class _TwoInputs(nn.Module):
 
 def test_pattern_b_replays_a_positional_tuple_call():
     loss_fn = nn.CrossEntropyLoss()
-    x, y = _batches(1)[0]
+    x, y = mlp_batches(1)[0]
     a, b = x[:, :2], x[:, 2:]
     model_a, model_b = _TwoInputs(), _TwoInputs()
     rec_a = ADLER(model_a, loss_fn).step((a, b), y)
@@ -207,8 +174,8 @@ def test_pattern_b_replays_a_positional_tuple_call():
 def test_pattern_b_ignores_forwards_of_a_copy_of_the_model():
     """A teacher / EMA copy made with deepcopy carries ADLER's hook; its forwards do not count."""
     loss_fn = nn.CrossEntropyLoss()
-    (x, y), (x_other, _) = _batches(2)
-    model_a, model_b = _mlp(), _mlp()
+    (x, y), (x_other, _) = mlp_batches(2)
+    model_a, model_b = mlp(), mlp()
     rec_a = ADLER(model_a, loss_fn).step(x, y)
     opt_b = ADLER(model_b, loss_fn)
     teacher = copy.deepcopy(model_b)
@@ -220,17 +187,19 @@ def test_pattern_b_ignores_forwards_of_a_copy_of_the_model():
 def test_pattern_b_with_ignore_index_takes_the_loss_modules_targets():
     """GGN under an ignore_index depends on the targets: they must be the loss call's."""
     loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
-    x, y = _batches(1)[0]
+    x, y = mlp_batches(1)[0]
     y = y.clone()
     y[::3] = -100
-    model_a, model_b = _mlp(), _mlp()
+    model_a, model_b = mlp(), mlp()
     rec_a = ADLER(model_a, loss_fn).step(x, y)
     opt_b = ADLER(model_b, loss_fn)
     _user_backward(opt_b, model_b, loss_fn, x, y)
     _assert_records_match(opt_b.step(), rec_a)
     # ...which differs from the all-targets curvature, so the test can tell them apart.
     y_all = torch.where(y < 0, torch.zeros_like(y), y)
-    other = step_size(_mlp(), loss_fn, x, y_all, "ggn", direction=_gradient(_mlp(), loss_fn, x, y))
+    other = step_size(
+        mlp(), loss_fn, x, y_all, "ggn", direction=autograd_gradient(mlp(), loss_fn, x, y)
+    )
     assert not math.isclose(float(other.curvature), float(rec_a.curvature), rel_tol=1e-6)
 
 
@@ -238,19 +207,19 @@ def test_pattern_b_explicit_targets_win_over_the_loss_modules():
     """With "ef" (target-dependent): step(targets=y2) uses y2, and the user's G (from y)."""
     eps = 1e-10
     loss_fn = nn.CrossEntropyLoss()
-    (x, y), (_, y2) = _batches(2)
-    model = _mlp()
-    grad = _gradient(_mlp(), loss_fn, x, y)
-    ref = step_size(_mlp(), loss_fn, x, y2, "ef", direction=grad, eps=eps)
+    (x, y), (_, y2) = mlp_batches(2)
+    model = mlp()
+    grad = autograd_gradient(mlp(), loss_fn, x, y)
+    ref = step_size(mlp(), loss_fn, x, y2, "ef", direction=grad, eps=eps)
     opt = ADLER(model, loss_fn, curvature="ef", eps=eps)
     _user_backward(opt, model, loss_fn, x, y)
-    theta = _flat(model)
+    theta = flat_params(model)
     rec = opt.step(targets=y2)
-    _close(rec.curvature, ref.curvature, 1e-10)
-    _close(rec.eta, (grad @ grad) / (ref.curvature + eps * (grad @ grad)), 1e-10)
-    _assert_update(theta, _flat(model), rec.applied_lr, grad)
+    close(rec.curvature, ref.curvature, 1e-10)
+    close(rec.eta, (grad @ grad) / (ref.curvature + eps * (grad @ grad)), 1e-10)
+    _assert_update(theta, flat_params(model), rec.applied_lr, grad)
     # y and y2 give different curvatures (else this test could not fail).
-    own = step_size(_mlp(), loss_fn, x, y, "ef", direction=grad, eps=eps)
+    own = step_size(mlp(), loss_fn, x, y, "ef", direction=grad, eps=eps)
     assert not math.isclose(float(own.curvature), float(ref.curvature), rel_tol=1e-6)
 
 
@@ -258,23 +227,23 @@ def test_pattern_b_explicit_curvature_batch():
     """step(inputs=x2, targets=y2) after a backward on (x, y): the user's G, Q of (x2, y2)."""
     eps = 1e-10
     loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
-    (x, y), (x2, y2) = _batches(2)
+    (x, y), (x2, y2) = mlp_batches(2)
     y2 = y2.clone()
     y2[::4] = -100  # the curvature depends on these targets
-    model = _mlp()
-    grad = _gradient(_mlp(), loss_fn, x, y)
-    q2 = GGNOperator(_mlp(), loss_fn, (x2, y2)).quadratic_form(grad)
+    model = mlp()
+    grad = autograd_gradient(mlp(), loss_fn, x, y)
+    q2 = GGNOperator(mlp(), loss_fn, (x2, y2)).quadratic_form(grad)
     gg = grad @ grad
     opt = ADLER(model, loss_fn, eps=eps)
     _user_backward(opt, model, loss_fn, x, y)
-    theta = _flat(model)
+    theta = flat_params(model)
     rec = opt.step(inputs=x2, targets=y2)
-    _close(rec.grad_sq, gg)
-    _close(rec.curvature, q2, 1e-10)
-    _close(rec.eta, gg / (q2 + eps * gg), 1e-10)
-    _assert_update(theta, _flat(model), rec.applied_lr, grad)
+    close(rec.grad_sq, gg)
+    close(rec.curvature, q2, 1e-10)
+    close(rec.eta, gg / (q2 + eps * gg), 1e-10)
+    _assert_update(theta, flat_params(model), rec.applied_lr, grad)
     # The batch of the user's forward would give another curvature.
-    q1 = GGNOperator(_mlp(), loss_fn, (x, y)).quadratic_form(grad)
+    q1 = GGNOperator(mlp(), loss_fn, (x, y)).quadratic_form(grad)
     assert not math.isclose(float(q1), float(q2), rel_tol=1e-6)
 
 
@@ -283,7 +252,7 @@ class _LabelsModel(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.net = _mlp()
+        self.net = mlp()
 
     def forward(self, x, labels=None):
         return self.net(x)
@@ -301,19 +270,19 @@ def _plain_cross_entropy(z, y):
 @pytest.mark.parametrize("style", ["keywords", "mixed"])
 @pytest.mark.parametrize("curvature", ["ggn", "ef"])
 def test_pattern_b_takes_targets_from_the_labels_keyword(curvature, style):
-    x, y = _batches(1)[0]
+    x, y = mlp_batches(1)[0]
     model_a, model_b = _LabelsModel(), _LabelsModel()
     rec_a = ADLER(model_a, _plain_cross_entropy, curvature=curvature, reduction="mean").step(x, y)
     opt_b = ADLER(model_b, _plain_cross_entropy, curvature=curvature, reduction="mean")
     opt_b.zero_grad()
     _plain_cross_entropy(_labels_call(model_b, x, y, style), y).backward()
     _assert_records_match(opt_b.step(), rec_a, 1e-10)
-    _assert_vectors_close(_flat(model_b), _flat(model_a), 1e-10)
+    assert_vectors_close(flat_params(model_b), flat_params(model_a), 1e-10)
 
 
 def test_pattern_b_loss_module_targets_win_over_the_labels_keyword():
     loss_fn = nn.CrossEntropyLoss()
-    (x, y), (_, y_other) = _batches(2)
+    (x, y), (_, y_other) = mlp_batches(2)
     model_a, model_b = _LabelsModel(), _LabelsModel()
     rec_a = ADLER(model_a, loss_fn, curvature="ef").step(x, y)
     opt_b = ADLER(model_b, loss_fn, curvature="ef")
@@ -325,8 +294,8 @@ def test_pattern_b_loss_module_targets_win_over_the_labels_keyword():
 def test_pattern_b_ignores_forwards_without_grad():
     """An evaluation forward under no_grad between backward and step is not the curvature batch."""
     loss_fn = nn.CrossEntropyLoss()
-    (x, y), (x_eval, _) = _batches(2)
-    model_a, model_b = _mlp(), _mlp()
+    (x, y), (x_eval, _) = mlp_batches(2)
+    model_a, model_b = mlp(), mlp()
     rec_a = ADLER(model_a, loss_fn).step(x, y)
     opt_b = ADLER(model_b, loss_fn)
     _user_backward(opt_b, model_b, loss_fn, x, y)
@@ -338,39 +307,39 @@ def test_pattern_b_ignores_forwards_without_grad():
 def test_pattern_b_step_none_is_pattern_b():
     """accelerate's AcceleratedOptimizer (the HF Trainer) calls ``optimizer.step(None)``."""
     loss_fn = nn.CrossEntropyLoss()
-    x, y = _batches(1)[0]
-    model_a, model_b = _mlp(), _mlp()
+    x, y = mlp_batches(1)[0]
+    model_a, model_b = mlp(), mlp()
     rec_a = ADLER(model_a, loss_fn).step(x, y)
     opt_b = ADLER(model_b, loss_fn)
     _user_backward(opt_b, model_b, loss_fn, x, y)
     opt_b.step(None)
     _assert_records_match(opt_b.last_record, rec_a)
-    _assert_vectors_close(_flat(model_b), _flat(model_a))
+    assert_vectors_close(flat_params(model_b), flat_params(model_a))
 
 
 def test_pattern_b_applies_the_clipped_gradient():
     eps = 0.0  # η = GᵀG / GᵀQG is then invariant to the clip's scale
     loss_fn = nn.CrossEntropyLoss()
-    x, y = _batches(1)[0]
-    model_a, model_b = _mlp(), _mlp()
+    x, y = mlp_batches(1)[0]
+    model_a, model_b = mlp(), mlp()
     rec_a = ADLER(model_a, loss_fn, eps=eps).step(x, y)
     opt_b = ADLER(model_b, loss_fn, eps=eps)
     _user_backward(opt_b, model_b, loss_fn, x, y)
-    raw = _flat_grad(model_b)
+    raw = flat_grad(model_b)
     max_norm = 0.1 * float(raw.norm())
     torch.nn.utils.clip_grad_norm_(model_b.parameters(), max_norm)
-    clipped = _flat_grad(model_b)
+    clipped = flat_grad(model_b)
     norm = float(raw.norm())
     scale = max_norm / (norm + 1e-6)  # clip_grad_norm_'s coefficient (it adds 1e-6 to the norm)
-    _close(clipped.norm(), scale * norm, 1e-12)
-    theta = _flat(model_b)
+    close(clipped.norm(), scale * norm, 1e-12)
+    theta = flat_params(model_b)
     rec = opt_b.step()
-    _close(rec.eta, rec_a.eta, 1e-10)
-    _close(rec.grad_sq, clipped @ clipped)
-    _assert_update(theta, _flat(model_b), rec.applied_lr, clipped)
+    close(rec.eta, rec_a.eta, 1e-10)
+    close(rec.grad_sq, clipped @ clipped)
+    _assert_update(theta, flat_params(model_b), rec.applied_lr, clipped)
     # The update is the clipped one: about 10 times shorter than pattern a's.
-    ratio = float((_flat(model_b) - theta).norm() / (_flat(model_a) - theta).norm())
-    _close(ratio, scale, 1e-10)
+    ratio = float((flat_params(model_b) - theta).norm() / (flat_params(model_a) - theta).norm())
+    close(ratio, scale, 1e-10)
 
 
 @pytest.mark.parametrize("explicit_unscale", [True, False])
@@ -382,8 +351,8 @@ def test_pattern_b_with_grad_scaler(explicit_unscale):
     except (RuntimeError, ValueError, TypeError) as exc:  # pragma: no cover
         pytest.skip(f"GradScaler('cpu') is not available: {exc}")
     loss_fn = nn.CrossEntropyLoss()
-    batches = _batches(3, dtype=torch.float32)
-    model_a, model_b = _mlp(torch.float32), _mlp(torch.float32)
+    batches = mlp_batches(3, dtype=torch.float32)
+    model_a, model_b = mlp(torch.float32), mlp(torch.float32)
     opt_a, opt_b = ADLER(model_a, loss_fn), ADLER(model_b, loss_fn)
     for x, y in batches:
         rec_a = opt_a.step(x, y)
@@ -399,65 +368,67 @@ def test_pattern_b_with_grad_scaler(explicit_unscale):
             assert isinstance(out, ADLERRecord)
         assert not bool(rec.skipped)
         for name in ("eta", "eta_hat", "applied_lr", "grad_sq", "curvature"):
-            _close(getattr(rec, name), getattr(rec_a, name), 1e-5)
-        _assert_vectors_close(_flat(model_b), _flat(model_a), 1e-5)
+            close(getattr(rec, name), getattr(rec_a, name), 1e-5)
+        assert_vectors_close(flat_params(model_b), flat_params(model_a), 1e-5)
     assert scaler.get_scale() == 2.0**4  # no overflow: every step was taken
 
 
 def test_pattern_b_gradient_accumulation_uses_the_last_micro_batch_for_curvature():
     eps = 1e-10
     loss_fn = nn.CrossEntropyLoss()
-    (x1, y1), (x2, y2) = _batches(2, n=8)
-    model = _mlp()
-    copy_ = _mlp()
-    g_acc = 0.5 * (_gradient(copy_, loss_fn, x1, y1) + _gradient(copy_, loss_fn, x2, y2))
+    (x1, y1), (x2, y2) = mlp_batches(2, n=8)
+    model = mlp()
+    copy_ = mlp()
+    g_acc = 0.5 * (
+        autograd_gradient(copy_, loss_fn, x1, y1) + autograd_gradient(copy_, loss_fn, x2, y2)
+    )
     q2 = GGNOperator(copy_, loss_fn, (x2, y2)).quadratic_form(g_acc)
     gg = g_acc @ g_acc
     opt = ADLER(model, loss_fn, eps=eps)
     opt.zero_grad()
     (loss_fn(model(x1), y1) / 2).backward()
     (loss_fn(model(x2), y2) / 2).backward()
-    _assert_vectors_close(_flat_grad(model), g_acc)
-    theta = _flat(model)
+    assert_vectors_close(flat_grad(model), g_acc)
+    theta = flat_params(model)
     rec = opt.step()
-    _close(rec.grad_sq, gg)
-    _close(rec.curvature, q2, 1e-10)
-    _close(rec.eta, gg / (q2 + eps * gg), 1e-10)
-    _assert_update(theta, _flat(model), rec.applied_lr, g_acc)
+    close(rec.grad_sq, gg)
+    close(rec.curvature, q2, 1e-10)
+    close(rec.eta, gg / (q2 + eps * gg), 1e-10)
+    _assert_update(theta, flat_params(model), rec.applied_lr, g_acc)
     # Micro-batch 1's curvature differs: the test tells the two apart.
     q1 = GGNOperator(copy_, loss_fn, (x1, y1)).quadratic_form(g_acc)
     assert not math.isclose(float(q1), float(q2), rel_tol=1e-6)
 
 
 def test_pattern_b_plain_function_loss_needs_targets():
-    model = _mlp()
+    model = mlp()
     opt = ADLER(model, _plain_cross_entropy, reduction="mean")
-    x, y = _batches(1)[0]
+    x, y = mlp_batches(1)[0]
     opt.zero_grad()
     _plain_cross_entropy(model(x), y).backward()
-    theta = _flat(model)
+    theta = flat_params(model)
     with pytest.raises((ValueError, RuntimeError), match="targets"):
         opt.step()
-    assert torch.equal(_flat(model), theta)
+    assert torch.equal(flat_params(model), theta)
     rec = opt.step(targets=y)  # the way out the message names
     assert not bool(rec.skipped)
-    ref = step_size(_mlp(), _plain_cross_entropy, x, y, "ggn", reduction="mean")
-    _close(rec.eta, ref.eta)
+    ref = step_size(mlp(), _plain_cross_entropy, x, y, "ggn", reduction="mean")
+    close(rec.eta, ref.eta)
 
 
 def test_pattern_b_before_any_backward_raises():
-    model = _mlp()
+    model = mlp()
     opt = ADLER(model, nn.CrossEntropyLoss())
     opt.zero_grad()
-    theta = _flat(model)
+    theta = flat_params(model)
     with pytest.raises((ValueError, RuntimeError), match="backward"):
         opt.step()
     # Also after a forward whose loss was never backpropagated.
-    x, y = _batches(1)[0]
+    x, y = mlp_batches(1)[0]
     nn.CrossEntropyLoss()(model(x), y)
     with pytest.raises((ValueError, RuntimeError), match="backward"):
         opt.step()
-    assert torch.equal(_flat(model), theta)
+    assert torch.equal(flat_params(model), theta)
     assert opt.num_steps == 0
 
 
@@ -470,10 +441,10 @@ def test_pattern_b_before_any_backward_raises():
 def test_closure_equals_pattern_a(as_keyword, curvature):
     rel = REL if curvature == "ggn" else 1e-10
     loss_fn = nn.CrossEntropyLoss()
-    model_a, model_c = _mlp(), _mlp()
+    model_a, model_c = mlp(), mlp()
     opt_a = ADLER(model_a, loss_fn, curvature=curvature)
     opt_c = ADLER(model_c, loss_fn, curvature=curvature)
-    for x, y in _batches(3):
+    for x, y in mlp_batches(3):
         calls = []
 
         def closure(x=x, y=y, calls=calls):
@@ -488,28 +459,28 @@ def test_closure_equals_pattern_a(as_keyword, curvature):
             out = opt_c.step(closure=closure) if as_keyword else opt_c.step(closure)
         assert calls == [True]
         assert isinstance(out, torch.Tensor) and not isinstance(out, ADLERRecord)
-        _close(out, rec_a.loss)
+        close(out, rec_a.loss)
         _assert_records_match(opt_c.last_record, rec_a, rel)
-        _assert_vectors_close(_flat(model_c), _flat(model_a), rel)
+        assert_vectors_close(flat_params(model_c), flat_params(model_a), rel)
 
 
 def test_closure_returning_none_after_the_users_backward():
     """Lightning's manual optimization: step(closure=<a do-nothing closure>) after backward."""
     loss_fn = nn.CrossEntropyLoss()
-    x, y = _batches(1)[0]
-    model_a, model_c = _mlp(), _mlp()
+    x, y = mlp_batches(1)[0]
+    model_a, model_c = mlp(), mlp()
     rec_a = ADLER(model_a, loss_fn).step(x, y)
     opt_c = ADLER(model_c, loss_fn)
     _user_backward(opt_c, model_c, loss_fn, x, y)
     out = opt_c.step(closure=lambda: None)
     assert out is None
     _assert_records_match(opt_c.last_record, rec_a)
-    _assert_vectors_close(_flat(model_c), _flat(model_a))
+    assert_vectors_close(flat_params(model_c), flat_params(model_a))
 
 
 def test_closure_with_a_plain_function_loss_and_targets():
-    x, y = _batches(1)[0]
-    model_a, model_c = _mlp(), _mlp()
+    x, y = mlp_batches(1)[0]
+    model_a, model_c = mlp(), mlp()
     rec_a = ADLER(model_a, _plain_cross_entropy, reduction="mean").step(x, y)
     opt_c = ADLER(model_c, _plain_cross_entropy, reduction="mean")
 
@@ -532,29 +503,6 @@ DDP_STEPS = 3
 DDP_CASES = ("ggn", "ef", "ef_batch", "hessian")
 
 
-def _ddp_model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 3)).double()
-
-
-def _ddp_batches():
-    g = torch.Generator().manual_seed(1)
-    n = sum(DDP_SIZES)
-    return [
-        (
-            torch.randn(n, 5, generator=g, dtype=torch.float64),
-            torch.randint(0, 3, (n,), generator=g),
-        )
-        for _ in range(DDP_STEPS)
-    ]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, out_dir):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
@@ -570,11 +518,11 @@ def _ddp_worker(rank, world, port, out_dir):
         results = {}
         lo = sum(DDP_SIZES[:rank])
         for curvature in DDP_CASES:
-            ddp = nn.parallel.DistributedDataParallel(_ddp_model())
+            ddp = nn.parallel.DistributedDataParallel(ln_mlp())
             loss_fn = nn.CrossEntropyLoss()
             opt = ADLER(ddp, loss_fn, curvature=curvature)
             steps = []
-            for x, y in _ddp_batches():
+            for x, y in ln_mlp_batches(sum(DDP_SIZES), DDP_STEPS):
                 xs, ys = x[lo : lo + DDP_SIZES[rank]], y[lo : lo + DDP_SIZES[rank]]
                 opt.zero_grad()
                 loss_fn(ddp(xs), ys).backward()  # DDP all-reduces G here
@@ -607,18 +555,18 @@ def _ddp_worker(rank, world, port, out_dir):
 @pytest.fixture(scope="module")
 def ddp_results():
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_ddp_worker, args=(2, _free_port(), out_dir), nprocs=2, join=True)
+        mp.spawn(_ddp_worker, args=(2, free_port(), out_dir), nprocs=2, join=True)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
 
 
 @pytest.mark.parametrize("curvature", DDP_CASES)
 def test_ddp_pattern_b_equals_one_process_on_the_concatenated_batch(ddp_results, curvature):
     ranks = [r[curvature] for r in ddp_results]
-    model = _ddp_model()
+    model = ln_mlp()
     opt = ADLER(model, nn.CrossEntropyLoss(), curvature=curvature)
     num_params = sum(p.numel() for p in model.parameters())
-    for k, (x, y) in enumerate(_ddp_batches()):
-        g_full = _gradient(model, nn.CrossEntropyLoss(), x, y)
+    for k, (x, y) in enumerate(ln_mlp_batches(sum(DDP_SIZES), DDP_STEPS)):
+        g_full = autograd_gradient(model, nn.CrossEntropyLoss(), x, y)
         rec = opt.step(x, y)
         assert torch.equal(ranks[0][k]["eta"], ranks[1][k]["eta"])  # identical on every rank
         for step in (r[k] for r in ranks):
@@ -630,5 +578,5 @@ def test_ddp_pattern_b_equals_one_process_on_the_concatenated_batch(ddp_results,
             _assert_update(step["theta"], step["after"], step["applied_lr"], step["grad"], 1e-10)
             # Only the scalars of the curvature term cross the wire during step(), never G.
             assert all(n < num_params for n in step["reduced_sizes"]), step["reduced_sizes"]
-            torch.testing.assert_close(step["after"], _flat(model), rtol=0, atol=1e-6)
+            torch.testing.assert_close(step["after"], flat_params(model), rtol=0, atol=1e-6)
     assert any(r[0]["reduced_sizes"] for r in ranks) or curvature == "ef_batch"

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from optim_helpers import autograd_gradient, close, flat_params, mlp, mlp_batches
 from torch import nn
 from torch.optim import lr_scheduler as sched
 
@@ -19,39 +20,7 @@ from hessian_lab.optim.step_size import step_size
 REL = 1e-12  # float64 throughout
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _mlp(dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
-
-
-def _batches(k, n=16, dtype=torch.float64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(n, 6, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g))
-        for _ in range(k)
-    ]
-
-
-def _flat(model):
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def _gradient(model, loss_fn, x, y):
-    grads = torch.autograd.grad(loss_fn(model(x), y), list(model.parameters()))
-    return torch.cat([g.reshape(-1) for g in grads])
-
-
-def _close(actual, expected, rel=REL):
-    actual, expected = float(actual), float(expected)
-    assert math.isclose(actual, expected, rel_tol=rel, abs_tol=0.0), (actual, expected)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _assert_update(before, after, rate, grad):
@@ -69,10 +38,10 @@ def _assert_update(before, after, rate, grad):
 
 
 def test_lr_lives_in_the_param_group_with_default_one_and_the_record_has_its_fields():
-    opt = ADLER(_mlp(), nn.CrossEntropyLoss())
+    opt = ADLER(mlp(), nn.CrossEntropyLoss())
     assert opt.param_groups[0]["lr"] == 1.0
     assert opt.defaults["lr"] == 1.0
-    assert ADLER(_mlp(), nn.CrossEntropyLoss(), lr=0.25).param_groups[0]["lr"] == 0.25
+    assert ADLER(mlp(), nn.CrossEntropyLoss(), lr=0.25).param_groups[0]["lr"] == 0.25
     assert set(ADLERRecord._fields) == {
         "loss",
         "eta",
@@ -82,101 +51,101 @@ def test_lr_lives_in_the_param_group_with_default_one_and_the_record_has_its_fie
         "curvature",
         "skipped",
     }
-    rec = opt.step(*_batches(1)[0])
+    rec = opt.step(*mlp_batches(1)[0])
     for name in ("loss", "eta", "eta_hat", "applied_lr", "grad_sq", "curvature", "skipped"):
         value = getattr(rec, name)
         assert isinstance(value, torch.Tensor) and value.dim() == 0, name
     # lr = 1 with no caps: Algorithm 1, the applied rate is η̂_0 = η_0.
-    _close(rec.applied_lr, rec.eta_hat)
-    _close(rec.eta_hat, rec.eta)
+    close(rec.applied_lr, rec.eta_hat)
+    close(rec.eta_hat, rec.eta)
 
 
 @pytest.mark.parametrize("lr", [0.3, 2.5])
 def test_lr_scales_the_applied_rate_only_on_the_first_step(lr):
     loss_fn = nn.CrossEntropyLoss()
-    x, y = _batches(1)[0]
-    paper, scaled = _mlp(), _mlp()
-    grad = _gradient(_mlp(), loss_fn, x, y)
-    theta = _flat(scaled)
+    x, y = mlp_batches(1)[0]
+    paper, scaled = mlp(), mlp()
+    grad = autograd_gradient(mlp(), loss_fn, x, y)
+    theta = flat_params(scaled)
     rec1 = ADLER(paper, loss_fn).step(x, y)
     rec = ADLER(scaled, loss_fn, lr=lr).step(x, y)
     # Same θ: η_0 and η̂_0 are those of lr = 1, only the applied rate differs.
-    _close(rec.eta, rec1.eta)
-    _close(rec.eta_hat, rec1.eta_hat)
-    _close(rec.applied_lr, lr * float(rec1.eta_hat))
-    _assert_update(theta, _flat(scaled), lr * float(rec1.eta_hat), grad)
+    close(rec.eta, rec1.eta)
+    close(rec.eta_hat, rec1.eta_hat)
+    close(rec.applied_lr, lr * float(rec1.eta_hat))
+    _assert_update(theta, flat_params(scaled), lr * float(rec1.eta_hat), grad)
 
 
 def test_average_along_a_trajectory_ignores_lr():
     """η̂_k is Algorithm 1's average of the η_i seen along the (lr-shaped) trajectory."""
     beta, lrs = 0.9, [0.3, 1.7, 0.05, 1.0, 0.6]
     loss_fn = nn.CrossEntropyLoss()
-    model, ref = _mlp(), _mlp()
+    model, ref = mlp(), mlp()
     opt = ADLER(model, loss_fn, beta=beta, lr=lrs[0])
     logs = []
-    for k, (x, y) in enumerate(_batches(len(lrs))):
+    for k, (x, y) in enumerate(mlp_batches(len(lrs))):
         opt.param_groups[0]["lr"] = lrs[k]  # changed by hand between steps: takes effect
         eta = step_size(ref, loss_fn, x, y, "ggn").eta  # at the same θ_k
-        grad = _gradient(ref, loss_fn, x, y)
-        theta = _flat(model)
+        grad = autograd_gradient(ref, loss_fn, x, y)
+        theta = flat_params(model)
         rec = opt.step(x, y)
         assert not bool(rec.skipped)
-        _close(rec.eta, eta)
+        close(rec.eta, eta)
         logs.append(math.log(float(eta)))
         weights = [beta ** (k - i) for i in range(k + 1)]
         eta_hat = math.exp(sum(w * v for w, v in zip(weights, logs, strict=True)) / sum(weights))
-        _close(rec.eta_hat, eta_hat)
-        _close(rec.applied_lr, lrs[k] * eta_hat)
-        _assert_update(theta, _flat(model), lrs[k] * eta_hat, grad)
+        close(rec.eta_hat, eta_hat)
+        close(rec.applied_lr, lrs[k] * eta_hat)
+        _assert_update(theta, flat_params(model), lrs[k] * eta_hat, grad)
         with torch.no_grad():
-            torch.nn.utils.vector_to_parameters(_flat(model), ref.parameters())
+            torch.nn.utils.vector_to_parameters(flat_params(model), ref.parameters())
 
 
 def test_caps_bound_the_applied_rate_and_eta_hat_stays_uncapped():
     loss_fn = nn.CrossEntropyLoss()
-    x, y = _batches(1)[0]
-    grad = _gradient(_mlp(), loss_fn, x, y)
-    free = ADLER(_mlp(), loss_fn).step(x, y)
+    x, y = mlp_batches(1)[0]
+    grad = autograd_gradient(mlp(), loss_fn, x, y)
+    free = ADLER(mlp(), loss_fn).step(x, y)
     lr = 0.5
 
     cap = 0.25 * float(free.eta)
-    model = _mlp()
-    theta = _flat(model)
+    model = mlp()
+    theta = flat_params(model)
     rec = ADLER(model, loss_fn, max_lr=cap, lr=lr).step(x, y)
-    _close(rec.eta_hat, free.eta_hat)  # the average, no cap
-    _close(rec.applied_lr, lr * cap)
-    _assert_update(theta, _flat(model), lr * cap, grad)
+    close(rec.eta_hat, free.eta_hat)  # the average, no cap
+    close(rec.applied_lr, lr * cap)
+    _assert_update(theta, flat_params(model), lr * cap, grad)
 
     radius = 1e-3
-    model = _mlp()
-    theta = _flat(model)
+    model = mlp()
+    theta = flat_params(model)
     rec = ADLER(model, loss_fn, trust_region=radius, lr=lr).step(x, y)
-    _close(rec.eta_hat, free.eta_hat)
-    _close(rec.applied_lr, lr * radius / float(grad.norm()), rel=1e-10)
-    _close((_flat(model) - theta).norm(), lr * radius, rel=1e-10)
+    close(rec.eta_hat, free.eta_hat)
+    close(rec.applied_lr, lr * radius / float(grad.norm()), rel=1e-10)
+    close((flat_params(model) - theta).norm(), lr * radius, rel=1e-10)
 
     # A cap that does not bind leaves the rate alone.
-    rec = ADLER(_mlp(), loss_fn, max_lr=10 * float(free.eta), lr=lr).step(x, y)
-    _close(rec.applied_lr, lr * float(free.eta_hat))
+    rec = ADLER(mlp(), loss_fn, max_lr=10 * float(free.eta), lr=lr).step(x, y)
+    close(rec.applied_lr, lr * float(free.eta_hat))
 
 
 def test_lr_zero_freezes_theta_but_updates_the_average():
     beta = 0.9
     loss_fn = nn.CrossEntropyLoss()
-    model = _mlp()
-    theta = _flat(model)
+    model = mlp()
+    theta = flat_params(model)
     opt = ADLER(model, loss_fn, beta=beta, lr=0.0)
-    (x1, y1), (x2, y2) = _batches(2)
-    eta2 = step_size(_mlp(), loss_fn, x2, y2, "ggn").eta  # θ does not move: computed at θ_0
+    (x1, y1), (x2, y2) = mlp_batches(2)
+    eta2 = step_size(mlp(), loss_fn, x2, y2, "ggn").eta  # θ does not move: computed at θ_0
     rec1 = opt.step(x1, y1)
     assert not bool(rec1.skipped) and float(rec1.applied_lr) == 0.0
-    assert torch.equal(_flat(model), theta)
+    assert torch.equal(flat_params(model), theta)
     rec2 = opt.step(x2, y2)
-    assert torch.equal(_flat(model), theta)
+    assert torch.equal(flat_params(model), theta)
     assert not bool(rec2.skipped) and float(rec2.applied_lr) == 0.0
-    _close(rec2.eta, eta2)
+    close(rec2.eta, eta2)
     expected = math.exp((beta * math.log(float(rec1.eta)) + math.log(float(eta2))) / (beta + 1))
-    _close(rec2.eta_hat, expected)
+    close(rec2.eta_hat, expected)
     assert float(rec2.eta_hat) != float(rec1.eta_hat)
     assert opt.num_steps == 2
 
@@ -184,7 +153,7 @@ def test_lr_zero_freezes_theta_but_updates_the_average():
 @pytest.mark.parametrize("lr", [-0.1, -1e-12])
 def test_negative_lr_is_refused(lr):
     with pytest.raises(ValueError, match="lr"):
-        ADLER(_mlp(), nn.CrossEntropyLoss(), lr=lr)
+        ADLER(mlp(), nn.CrossEntropyLoss(), lr=lr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,19 +213,19 @@ def _reference_lrs(make, steps, metrics=None):
 
 def _run_with_scheduler(make, metrics=None):
     loss_fn = nn.CrossEntropyLoss()
-    model = _mlp()
+    model = mlp()
     opt = ADLER(model, loss_fn)
     scheduler = make(opt)
     lrs = []
-    for k, (x, y) in enumerate(_batches(STEPS)):
+    for k, (x, y) in enumerate(mlp_batches(STEPS)):
         lr = opt.param_groups[0]["lr"]
         lrs.append(lr)
-        grad = _gradient(model, loss_fn, x, y)
-        theta = _flat(model)
+        grad = autograd_gradient(model, loss_fn, x, y)
+        theta = flat_params(model)
         rec = opt.step(x, y)
         assert not bool(rec.skipped)
-        _close(rec.applied_lr, lr * float(rec.eta_hat))
-        _assert_update(theta, _flat(model), rec.applied_lr, grad)
+        close(rec.applied_lr, lr * float(rec.eta_hat))
+        _assert_update(theta, flat_params(model), rec.applied_lr, grad)
         scheduler.step() if metrics is None else scheduler.step(metrics[k])
     return lrs
 
@@ -284,12 +253,12 @@ def test_reduce_lr_on_plateau_shapes_the_applied_rate():
 def test_scheduler_does_not_touch_eta():
     """A schedule shapes lr·η̂ only: η_0 (same θ_0, same batch) is that of the paper's run."""
     loss_fn = nn.CrossEntropyLoss()
-    x, y = _batches(1)[0]
-    paper = ADLER(_mlp(), loss_fn).step(x, y)
-    opt = ADLER(_mlp(), loss_fn)
+    x, y = mlp_batches(1)[0]
+    paper = ADLER(mlp(), loss_fn).step(x, y)
+    opt = ADLER(mlp(), loss_fn)
     sched.LinearLR(opt, start_factor=0.1, total_iters=3)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
     rec = opt.step(x, y)
-    _close(rec.eta, paper.eta)
-    _close(rec.eta_hat, paper.eta_hat)
-    _close(rec.applied_lr, 0.1 * float(paper.eta_hat))
+    close(rec.eta, paper.eta)
+    close(rec.eta_hat, paper.eta_hat)
+    close(rec.applied_lr, 0.1 * float(paper.eta_hat))

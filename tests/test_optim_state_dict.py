@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from optim_helpers import mlp, mlp_batches
 from torch import nn
 from torch.optim import lr_scheduler as sched
 
@@ -22,25 +23,7 @@ from hessian_lab import ADLER
 KEYS = {"step", "average_numerator", "average_denominator", "consecutive_skips", "skip_reasons"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _mlp(dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
-
-
-def _batches(k, n=16, dtype=torch.float64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(n, 6, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g))
-        for _ in range(k)
-    ]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _first(opt):
@@ -53,9 +36,9 @@ def _as_float(v):
 
 def test_state_lives_in_the_first_parameters_entry():
     beta = 0.9
-    model = _mlp()
+    model = mlp()
     opt = ADLER(model, nn.CrossEntropyLoss(), beta=beta)
-    records = [opt.step(x, y) for x, y in _batches(3)]
+    records = [opt.step(x, y) for x, y in mlp_batches(3)]
     first = _first(opt)
     assert first is next(iter(model.parameters()))
     state = opt.state[first]
@@ -78,9 +61,9 @@ def test_state_lives_in_the_first_parameters_entry():
 
 
 def test_skip_counter_lives_in_the_state_and_survives_a_checkpoint():
-    model = _mlp()
+    model = mlp()
     opt = ADLER(model, nn.CrossEntropyLoss(), max_consecutive_skips=2)
-    (x, y), (x2, y2) = _batches(2)
+    (x, y), (x2, y2) = mlp_batches(2)
     opt.step(x, y)
     bad = x2.clone()
     bad[0, 0] = float("nan")
@@ -96,14 +79,14 @@ def test_skip_counter_lives_in_the_state_and_survives_a_checkpoint():
 
 
 def test_state_dict_has_torch_optims_keys_only():
-    opt = ADLER(_mlp(), nn.CrossEntropyLoss())
-    opt.step(*_batches(1)[0])
+    opt = ADLER(mlp(), nn.CrossEntropyLoss())
+    opt.step(*mlp_batches(1)[0])
     sd = opt.state_dict()
     assert set(sd) == {"state", "param_groups"}
     assert list(sd["state"]) == [0]  # indexed like any optimizer: the first parameter
     assert KEYS <= set(sd["state"][0])
     (group,) = sd["param_groups"]
-    assert group["params"] == list(range(len(list(_mlp().parameters()))))
+    assert group["params"] == list(range(len(list(mlp().parameters()))))
     assert group["lr"] == 1.0
 
 
@@ -121,8 +104,8 @@ def test_round_trip_through_torch_save_is_bit_identical(options):
     if options.get("beta_schedule") == "fn":
         options["beta_schedule"] = lambda k: min(0.99, 0.5 + 0.1 * k)
     loss_fn = nn.CrossEntropyLoss()
-    batches = _batches(6, dtype=torch.float32)
-    model = _mlp(torch.float32)
+    batches = mlp_batches(6, dtype=torch.float32)
+    model = mlp(torch.float32)
     opt = ADLER(model, loss_fn, **options)
     for x, y in batches[:3]:
         opt.step(x, y)
@@ -132,7 +115,7 @@ def test_round_trip_through_torch_save_is_bit_identical(options):
 
     buffer.seek(0)
     ckpt = torch.load(buffer, weights_only=True)
-    resumed_model = _mlp(torch.float32, seed=7)
+    resumed_model = mlp(torch.float32, seed=7)
     resumed_model.load_state_dict(ckpt["model"])
     resumed = ADLER(resumed_model, loss_fn, beta_schedule=options.get("beta_schedule"))
     resumed.load_state_dict(ckpt["opt"])
@@ -163,8 +146,8 @@ SCHEDULERS = {
 def test_round_trip_with_a_scheduler_is_bit_identical(name):
     make = SCHEDULERS[name]
     loss_fn = nn.CrossEntropyLoss()
-    batches = _batches(6, dtype=torch.float32)
-    model = _mlp(torch.float32)
+    batches = mlp_batches(6, dtype=torch.float32)
+    model = mlp(torch.float32)
     opt = ADLER(model, loss_fn)
     scheduler = make(opt)
     for x, y in batches[:3]:
@@ -182,7 +165,7 @@ def test_round_trip_with_a_scheduler_is_bit_identical(name):
 
     buffer.seek(0)
     ckpt = torch.load(buffer, weights_only=True)
-    resumed_model = _mlp(torch.float32, seed=7)
+    resumed_model = mlp(torch.float32, seed=7)
     resumed_model.load_state_dict(ckpt["model"])
     resumed = ADLER(resumed_model, loss_fn)
     resumed_scheduler = make(resumed)  # the usual order: build both, then load both
@@ -201,8 +184,8 @@ def test_round_trip_with_a_scheduler_is_bit_identical(name):
 
 def test_generic_optimizer_code_works():
     loss_fn = nn.CrossEntropyLoss()
-    batches = _batches(5)
-    model = _mlp()
+    batches = mlp_batches(5)
+    model = mlp()
     opt = ADLER(model, loss_fn)
     for x, y in batches[:2]:
         opt.step(x, y)
@@ -230,8 +213,8 @@ def test_step_reads_the_state_entries_that_generic_code_replaced():
     """Moving state to a device replaces the tensors in ``opt.state``: the step must use those."""
     beta = 0.9
     loss_fn = nn.CrossEntropyLoss()
-    (x1, y1), (x2, y2) = _batches(2)
-    model = _mlp()
+    (x1, y1), (x2, y2) = mlp_batches(2)
+    model = mlp()
     opt = ADLER(model, loss_fn, beta=beta)
     opt.step(x1, y1)
     state = opt.state[_first(opt)]
@@ -252,11 +235,11 @@ def test_step_reads_the_state_entries_that_generic_code_replaced():
 def test_round_trip_before_the_first_step():
     """accelerate (the HF Trainer) loads the optimizer's own state_dict when it wraps it."""
     loss_fn = nn.CrossEntropyLoss()
-    batches = _batches(3)
-    m1, m2 = _mlp(), _mlp()
+    batches = mlp_batches(3)
+    m1, m2 = mlp(), mlp()
     plain = ADLER(m1, loss_fn)
     reloaded = ADLER(m2, loss_fn, lr=0.5)
-    reloaded.load_state_dict(copy.deepcopy(ADLER(_mlp(), loss_fn).state_dict()))
+    reloaded.load_state_dict(copy.deepcopy(ADLER(mlp(), loss_fn).state_dict()))
     assert reloaded.param_groups[0]["lr"] == 1.0
     assert reloaded.num_steps == 0
     for x, y in batches:
@@ -267,8 +250,8 @@ def test_round_trip_before_the_first_step():
 
 def test_bfloat16_model_keeps_float32_averages_through_a_checkpoint():
     loss_fn = nn.CrossEntropyLoss()
-    batches = _batches(5, dtype=torch.bfloat16)
-    model = _mlp(torch.bfloat16)
+    batches = mlp_batches(5, dtype=torch.bfloat16)
+    model = mlp(torch.bfloat16)
     opt = ADLER(model, loss_fn)
     for x, y in batches[:2]:
         assert not bool(opt.step(x, y).skipped)
@@ -282,7 +265,7 @@ def test_bfloat16_model_keeps_float32_averages_through_a_checkpoint():
 
     buffer.seek(0)
     ckpt = torch.load(buffer, weights_only=True)
-    resumed_model = _mlp(torch.bfloat16, seed=3)
+    resumed_model = mlp(torch.bfloat16, seed=3)
     resumed_model.load_state_dict(ckpt["model"])
     resumed = ADLER(resumed_model, loss_fn)
     resumed.load_state_dict(ckpt["opt"])

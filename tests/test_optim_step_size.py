@@ -11,13 +11,7 @@ from hessian_lab.optim.step_size import StepSizeEstimator, step_size
 EPS = 1e-10
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription stalls.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name: str) -> nn.Module:
