@@ -73,10 +73,10 @@ from torch import nn  # noqa: E402
 
 from hessian_lab import GGNOperator, cg  # noqa: E402
 from hessian_lab.core import progress_bar  # noqa: E402
-from hessian_lab.experiments.config import TrainConfig  # noqa: E402
 from hessian_lab.experiments.curvature_study import (  # noqa: E402
     OPERATOR_COLORS,
     OPERATOR_LABELS,
+    digits_cnn,
     make_operators,
 )
 from hessian_lab.experiments.loop import (  # noqa: E402
@@ -87,7 +87,7 @@ from hessian_lab.experiments.loop import (  # noqa: E402
     WorkBar,
     run_loop,
 )
-from hessian_lab.experiments.training import RunSetup, setup_run  # noqa: E402
+from hessian_lab.experiments.training import RunSetup  # noqa: E402
 
 PALETTE = OPERATOR_COLORS
 
@@ -214,28 +214,6 @@ def solve_study(
                 }
             )
     return iters, solves
-
-
-def digits_cnn(args: argparse.Namespace) -> RunSetup:
-    """The study's setup: a ``cnn`` on digits with ADLER (the paper's defaults), in eval mode.
-
-    Through :func:`hessian_lab.experiments.training.setup_run`, as ``hessian-lab train`` builds
-    it: the model drawn from ``torch.manual_seed(seed)``, in ``args.dtype``.
-    """
-    config = TrainConfig(
-        model="cnn",
-        activation=args.activation,
-        width=args.width,
-        depth=args.depth,
-        dataset="digits",
-        optimizer="adler",
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device=args.device,
-    )
-    setup = setup_run(config, dtype=getattr(torch, args.dtype))
-    setup.model.eval()
-    return setup
 
 
 class HessianFreeStep:

@@ -51,11 +51,11 @@ import torch  # noqa: E402
 
 from hessian_lab import compare_operators  # noqa: E402
 from hessian_lab.core import progress_bar  # noqa: E402
-from hessian_lab.experiments.config import TrainConfig  # noqa: E402
 from hessian_lab.experiments.curvature_study import (  # noqa: E402
     OPERATOR_COLORS,
     OPERATOR_LABELS,
     density_table,
+    digits_cnn,
     make_operators,
 )
 from hessian_lab.experiments.loop import (  # noqa: E402
@@ -66,7 +66,6 @@ from hessian_lab.experiments.loop import (  # noqa: E402
     geometric_steps,
     run_loop,
 )
-from hessian_lab.experiments.training import RunSetup, setup_run  # noqa: E402
 
 PALETTE = OPERATOR_COLORS
 
@@ -76,29 +75,6 @@ PAIRS = [("H", "Q"), ("H", "GN"), ("Q", "GN")]
 #: on a 2-core CPU: a checkpoint took as long as about 1200 ADLER steps); the progress bar
 #: replaces it by the measured ratio after the first checkpoint and steps.
 CHECKPOINT_STEPS_GUESS = 1200.0
-
-
-def digits_cnn(args: argparse.Namespace) -> RunSetup:
-    """The study's setup: a ``cnn`` on digits (split seed 0) with ADLER, the paper's defaults.
-
-    Through :func:`hessian_lab.experiments.training.setup_run`, the same construction as
-    ``hessian-lab train``: the model drawn from ``torch.manual_seed(seed)``, in ``args.dtype``,
-    in eval mode (no batch norm or dropout: the same function; the operators require eval).
-    """
-    config = TrainConfig(
-        model="cnn",
-        activation=args.activation,
-        width=args.width,
-        depth=args.depth,
-        dataset="digits",
-        optimizer="adler",
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device=args.device,
-    )
-    setup = setup_run(config, dtype=getattr(torch, args.dtype))
-    setup.model.eval()
-    return setup
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

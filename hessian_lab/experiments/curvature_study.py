@@ -4,12 +4,13 @@ The analyses compare the exact Hessian **H**, the paper's PSD approximation **Q*
 generalized Gauss–Newton matrix) and the paper's **GN** baseline (the per-example empirical
 Fisher) on one fixed batch. :func:`make_operators` builds the three with the names used in every
 table and figure; :func:`density_table` turns the spectral densities of
-:func:`hessian_lab.linalg.compare_operators` into a table on a symmetric-log eigenvalue axis.
+:func:`hessian_lab.linalg.compare_operators` into a table on a symmetric-log eigenvalue axis;
+:func:`digits_cnn` builds the studies' network and data.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -19,10 +20,14 @@ from torch import nn
 from hessian_lab.linalg import SpectralDensity
 from hessian_lab.operators import EmpiricalFisherOperator, GGNOperator, HessianOperator
 
+if TYPE_CHECKING:
+    from hessian_lab.experiments.training import RunSetup
+
 __all__ = [
     "OPERATOR_COLORS",
     "OPERATOR_LABELS",
     "density_table",
+    "digits_cnn",
     "make_operators",
     "symlog",
     "symlog_inverse",
@@ -51,6 +56,37 @@ def make_operators(
         "Q": GGNOperator(model, loss, data),
         "GN": EmpiricalFisherOperator(model, loss, data),
     }
+
+
+def digits_cnn(args: Any) -> RunSetup:
+    """The studies' setup: a ``cnn`` on digits (split seed 0) with ADLER, the paper's defaults.
+
+    Through :func:`hessian_lab.experiments.training.setup_run`, the same construction as
+    ``hessian-lab train``: the model drawn from ``torch.manual_seed(seed)``, in ``args.dtype``,
+    in eval mode (no batch norm or dropout: the same function; the operators require eval).
+
+    Args:
+        args: The analysis' options (an ``argparse.Namespace``): ``activation``, ``width``,
+            ``depth``, ``batch_size``, ``seed``, ``device`` and ``dtype`` (a torch dtype's name).
+    """
+    # Imported here: the operators and density tables do not need the training machinery.
+    from hessian_lab.experiments.config import TrainConfig
+    from hessian_lab.experiments.training import setup_run
+
+    config = TrainConfig(
+        model="cnn",
+        activation=args.activation,
+        width=args.width,
+        depth=args.depth,
+        dataset="digits",
+        optimizer="adler",
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+    )
+    setup = setup_run(config, dtype=getattr(torch, args.dtype))
+    setup.model.eval()
+    return setup
 
 
 def symlog(x: np.ndarray | torch.Tensor, c: float) -> Any:
