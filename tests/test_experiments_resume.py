@@ -1,6 +1,5 @@
 """A run killed with SIGKILL in the middle of an epoch resumes to exactly the same results."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -15,8 +14,6 @@ from hessian_lab.experiments.cli import main
 from hessian_lab.experiments.config import TrainConfig
 from hessian_lab.experiments.run_log import read_jsonl
 from hessian_lab.experiments.training import train
-
-HAVE_ADLER = importlib.util.find_spec("hessian_lab.optim.adler") is not None
 
 # 320 examples / batch 32 = 10 steps per epoch, 3 epochs.
 ARGS = [
@@ -60,7 +57,7 @@ def _strip_time(rows):
 
 
 # ADLER carries state (the running averages s_k, c_k) that must survive the kill; SGD has none.
-OPT = ["--optimizer", "adler"] if HAVE_ADLER else ["--optimizer", "sgd", "--lr", "0.1"]
+OPT = ["--optimizer", "adler"]
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """End-to-end training on a small slice of digits, for each optimizer."""
 
 import csv
-import importlib.util
 import json
 
 import pytest
@@ -11,12 +10,9 @@ from hessian_lab.experiments.config import TrainConfig
 from hessian_lab.experiments.run_log import read_jsonl
 from hessian_lab.experiments.training import train
 
-HAVE_ADLER = importlib.util.find_spec("hessian_lab.optim.adler") is not None
-needs_adler = pytest.mark.skipif(not HAVE_ADLER, reason="hessian_lab.optim.adler not available")
-
 OPTIMIZERS = [
-    pytest.param(dict(optimizer="adler"), id="adler", marks=needs_adler),
-    pytest.param(dict(optimizer="gn"), id="gn", marks=needs_adler),
+    pytest.param(dict(optimizer="adler"), id="adler"),
+    pytest.param(dict(optimizer="gn"), id="gn"),
     pytest.param(dict(optimizer="sgd", lr=0.1), id="sgd"),
 ]
 

@@ -210,17 +210,13 @@ class ADLERStepper:
         lr: float | None = None,
         **options: Any,
     ) -> None:
-        try:
-            from hessian_lab.optim.adler import ADLER, ADLERRecord
-        except ImportError as err:  # layer 5 not installed / not built yet
-            raise ImportError(
-                f"the ADLER optimizer is unavailable ({err}); use optimizer 'sgd' meanwhile"
-            ) from err
+        from hessian_lab.optim.adler import ADLER  # layer 5, imported when an ADLER run starts
+
         if lr is not None:  # a multiplier of η̂ (torch.optim's lr); ADLER's default is 1
             options["lr"] = lr
         self.optimizer = ADLER(model, loss_fn, curvature=curvature, beta=beta, eps=eps, **options)
         # Log the rate that multiplied G (lr and caps applied) next to the average η̂_k.
-        self.columns = tuple(c for c in _ADLER_COLUMNS if c in ADLERRecord._fields)
+        self.columns = _ADLER_COLUMNS
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """One ADLER step; its record (loss, η_k, η̂_k, applied rate, GᵀG, GᵀCG, skipped)."""
