@@ -80,3 +80,16 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn_ranks(worker, world: int) -> list:
+    """Run ``worker(rank, world, port, out_dir)`` in ``world`` processes; each saves its results
+    as ``out_dir/rank{rank}.pt``. Returns them, rank by rank."""
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(worker, args=(world, free_port(), out_dir), nprocs=world, join=True)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]

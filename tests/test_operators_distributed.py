@@ -7,16 +7,14 @@ shards (≤ 1e-12 relative, float64: the all-reduce only sums in another order).
 """
 
 import os
-import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from optim_helpers import spawn_ranks
 from torch import nn
 
 import hessian_lab
@@ -86,12 +84,6 @@ def _everything(op) -> dict[str, torch.Tensor]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
@@ -111,9 +103,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module", params=sorted(SHARDS), ids=lambda w: f"{w}procs")
 def sharded(request):
     world = request.param
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=True)
-        return world, [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+    return world, spawn_ranks(_worker, world)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -154,9 +144,7 @@ def _nccl_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
 def test_sharded_operator_over_nccl():
     world = 2
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_nccl_worker, args=(world, _free_port(), out_dir), nprocs=world, join=True)
-        got = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+    got = spawn_ranks(_nccl_worker, world)
     op = _operator("ggn", "ce_mean", _shards(world, "ce_mean"))
     V = torch.randn(op.shape[0], 2, generator=torch.Generator().manual_seed(5)).double()
     assert _rel(got[0], op @ V) <= TOL and torch.equal(got[0], got[1])

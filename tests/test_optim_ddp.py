@@ -1,13 +1,11 @@
 """ADLER under DistributedDataParallel (2 CPU processes, gloo) = one process on the whole batch."""
 
 import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from optim_helpers import free_port, ln_mlp, ln_mlp_batches
+from optim_helpers import ln_mlp, ln_mlp_batches, spawn_ranks
 from torch import nn
 
 from hessian_lab.optim import ADLER
@@ -51,9 +49,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ddp_results():
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(2, free_port(), out_dir), nprocs=2, join=True)
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
+    return spawn_ranks(_worker, 2)
 
 
 @pytest.mark.parametrize("curvature, method", CASES)

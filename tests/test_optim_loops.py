@@ -16,12 +16,10 @@ operators (``GGNOperator.quadratic_form``), which are tested on their own.
 import copy
 import math
 import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from optim_helpers import (
     assert_vectors_close,
@@ -29,11 +27,11 @@ from optim_helpers import (
     close,
     flat_grad,
     flat_params,
-    free_port,
     ln_mlp,
     ln_mlp_batches,
     mlp,
     mlp_batches,
+    spawn_ranks,
 )
 from torch import nn
 
@@ -554,9 +552,7 @@ def _ddp_worker(rank, world, port, out_dir):
 
 @pytest.fixture(scope="module")
 def ddp_results():
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_ddp_worker, args=(2, free_port(), out_dir), nprocs=2, join=True)
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
+    return spawn_ranks(_ddp_worker, 2)
 
 
 @pytest.mark.parametrize("curvature", DDP_CASES)
