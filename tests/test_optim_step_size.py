@@ -182,4 +182,8 @@ def test_auto_jvp_method_follows_the_layers():
 
     assert auto_jvp_method(_model("mlp_ln")) == "double_backward"
     assert auto_jvp_method(_model("vit")) == "double_backward"  # patch conv: kernel == stride
-    assert auto_jvp_method(_model("cnn")) == "forward"
+    # Convolutions run under convolutions_for_jvp: double backward costs their tangent only.
+    assert auto_jvp_method(_model("cnn")) == "double_backward"
+    # Convolutions that keep PyTorch's own double backward: forward mode.
+    assert auto_jvp_method(nn.Sequential(nn.Conv2d(1, 2, 3, padding="same"))) == "forward"
+    assert auto_jvp_method(nn.Sequential(nn.ConvTranspose2d(1, 2, 3))) == "forward"

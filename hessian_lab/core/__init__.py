@@ -1,6 +1,7 @@
 """Layer 1: the model and loss as pure functions of a parameter dict, and the data they see."""
 
 from hessian_lab.core.attention import differentiable_attention
+from hessian_lab.core.backward_for_jvp import backward_for_jvp
 from hessian_lab.core.batches import Batch, BatchFn, BatchSource, batch_examples, is_batch
 from hessian_lab.core.functional_model import functional_model
 from hessian_lab.core.linearization import JVP_METHODS, Linearization, auto_jvp_method
@@ -38,6 +39,7 @@ __all__ = [
     "batch_examples",
     "call_arguments",
     "check_model_mode",
+    "backward_for_jvp",
     "differentiable_attention",
     "forward",
     "functional_model",

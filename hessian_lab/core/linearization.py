@@ -11,9 +11,12 @@ backward instead of a fresh forward each time (DESIGN.md §5). Two ways to get u
 * ``"forward"``: forward-mode ``torch.func.jvp``, which recomputes the primal (about 1.2–1.3
   gradients), traced once with ``torch.func.linearize`` from the second JVP on (then about 0.3–0.5
   gradients; the trace costs about 4 gradients on the CNN of ``analyses/benchmark_operators.py``
-  in a warm process, more in the process's first). PyTorch's convolution double backward does
-  about 40% more convolutions than a tangent pass needs (2 gradients per JVP on that CNN), so
-  convolutional networks use this.
+  in a warm process, more in the process's first).
+
+Convolutions and LayerNorm: PyTorch's own double backward of these also forms derivatives a JVP
+does not need (3.3 gradients per JVP on that CNN); the forward behind ``"double_backward"``
+therefore runs under :func:`~hessian_lab.core.backward_for_jvp.backward_for_jvp`, whose backward
+differentiates to exactly the operations' tangents.
 
 :func:`auto_jvp_method` chooses between them from the model's layers.
 """
@@ -22,26 +25,39 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 
+from hessian_lab.core.backward_for_jvp import backward_for_jvp
+
 JVP_METHODS = ("auto", "forward", "double_backward")
+_CONVOLUTION_MODULES = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
 
 
 def auto_jvp_method(module: nn.Module) -> str:
     """The faster way to get u = J v for this model, from measurements (docs/operators.md).
 
-    Convolutional nets (a trainable convolution whose kernel differs from its stride) use forward
-    mode; everything else (linear layers, attention, LayerNorm, a patch-embedding convolution
-    whose kernel equals its stride) is cheaper by double backward, which reuses the forward.
+    Double backward reuses the forward, so it is the choice for linear layers, attention,
+    LayerNorm and convolutions run by :func:`~hessian_lab.core.backward_for_jvp.backward_for_jvp`.
+    Forward mode is chosen where a trainable convolution keeps PyTorch's wasteful double backward
+    (transposed, or with string padding such as ``"same"``) and its kernel differs from its stride.
     """
     for mod in module.modules():
-        if isinstance(mod, nn.modules.conv._ConvNd) and any(
+        if isinstance(mod, _CONVOLUTION_MODULES) and any(
             p.requires_grad for p in mod.parameters(recurse=False)
         ):
-            if tuple(mod.kernel_size) != tuple(mod.stride):
+            covered = not mod.transposed and not isinstance(mod.padding, str)
+            if not covered and tuple(mod.kernel_size) != tuple(mod.stride):
                 return "forward"
     return "double_backward"
 
@@ -100,7 +116,13 @@ class Linearization:
                 saved[ptr] = t.untyped_storage().nbytes()
             return t
 
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        # Double backward differentiates this forward's backward: cheap tangents (module doc).
+        conv_mode = backward_for_jvp() if method == "double_backward" else nullcontext()
+        with (
+            torch.enable_grad(),
+            torch.autograd.graph.saved_tensors_hooks(count, lambda t: t),
+            conv_mode,
+        ):
             z = g(self._leaves)
         #: Bytes of the activations the forward's graph keeps (a trace holds about 6× this).
         self.activation_bytes = sum(saved.values())

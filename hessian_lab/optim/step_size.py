@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -46,6 +47,7 @@ from hessian_lab.core import (
     ModelInputs,
     OutputFn,
     auto_jvp_method,
+    backward_for_jvp,
     batch_examples,
     check_model_mode,
     forward,
@@ -253,7 +255,9 @@ class StepSizeEstimator:
         # u = J d = ∂(Gᵀd)/∂(∂L/∂z) reuses this forward instead of recomputing it.
         keep = self._jvp_method() == "double_backward" and self.curvature in ("ggn", "ef")
         split = keep and m < n
-        with torch.enable_grad():
+        # Convolutions whose backward differentiates cheaply to the JVP (core.backward_for_jvp).
+        conv_mode = backward_for_jvp() if keep else nullcontext()
+        with torch.enable_grad(), conv_mode:
             if split:  # two forwards, so the second backward runs over the sub-batch only
                 z_sub = self._forward(slice_examples(inputs, slice(None, m)))
                 z_rest = self._forward(slice_examples(inputs, slice(m, None)))

@@ -1,0 +1,177 @@
+"""backward_for_jvp: JVPs by double backward through convolutions and LayerNorm, against dense
+references.
+
+The reference is the dense Jacobian of the flattened output with respect to the flattened
+parameters (torch.autograd.functional.jacobian, float64), an independent computation: u = J v
+must match to float64 rounding; the first backward (the gradient) must equal PyTorch's own.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hessian_lab.core import backward_for_jvp
+from hessian_lab.core.backward_for_jvp import _Convolution
+
+CASES = {
+    "conv1d": (lambda: nn.Conv1d(3, 4, 3, padding=1), (5, 3, 9)),
+    "conv2d_stride_dilation": (
+        lambda: nn.Conv2d(3, 4, 3, stride=2, dilation=2, padding=2),
+        (3, 3, 9, 9),
+    ),
+    "conv2d_groups_no_bias": (lambda: nn.Conv2d(4, 6, 3, groups=2, bias=False), (3, 4, 7, 7)),
+    "conv2d_reflect": (lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), (2, 2, 6, 6)),
+    "conv2d_circular": (
+        lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"),
+        (2, 2, 6, 6),
+    ),
+    "conv3d": (lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1)), (2, 2, 4, 5, 4)),
+}
+LAYER_NORMS = {
+    "affine": lambda: nn.LayerNorm(6),
+    "no_affine": lambda: nn.LayerNorm(6, elementwise_affine=False),
+    "no_bias_two_dims": lambda: nn.LayerNorm((3, 6), bias=False),
+}
+
+
+def _network(case: str) -> tuple[nn.Module, torch.Tensor]:
+    """conv -> tanh -> the same-shaped conv -> flatten: the second conv's input needs a tangent."""
+    torch.manual_seed(0)
+    make, shape = CASES[case]
+    first = make()
+    with torch.no_grad():  # a second convolution of the same kind on the first one's output
+        out_channels = first(torch.zeros(shape)).shape[1]
+    second = type(first)(out_channels, 2, 1)
+    model = nn.Sequential(first, nn.Tanh(), second, nn.Flatten()).double()
+    return model, torch.randn(shape, dtype=torch.float64)
+
+
+def _layer_norm_network(case: str) -> tuple[nn.Module, torch.Tensor]:
+    """linear -> LayerNorm -> tanh -> linear on [batch, 3, 6]: the norm's input has a tangent."""
+    torch.manual_seed(0)
+    norm = LAYER_NORMS[case]()
+    with torch.no_grad():
+        for p in norm.parameters():  # away from γ = 1, β = 0
+            p.add_(0.3 * torch.randn_like(p))
+    model = nn.Sequential(nn.Linear(4, 6), norm, nn.Tanh(), nn.Linear(6, 2), nn.Flatten())
+    return model.double(), torch.randn(5, 3, 4, dtype=torch.float64)
+
+
+def _dense_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach() for p in model.parameters())
+
+    def f(*ps: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, dict(zip(names, ps, strict=True)), (x,)).reshape(
+            -1
+        )
+
+    blocks = torch.autograd.functional.jacobian(f, params)
+    return torch.cat([b.reshape(b.shape[0], -1) for b in blocks], dim=1)
+
+
+def _double_backward_jvp(model: nn.Module, x: torch.Tensor, v: list[torch.Tensor]) -> torch.Tensor:
+    params = list(model.parameters())
+    with backward_for_jvp():
+        z = model(x)
+    w = torch.zeros_like(z, requires_grad=True)
+    gw = torch.autograd.grad(z, params, w, create_graph=True)
+    (u,) = torch.autograd.grad(gw, w, v)
+    return u
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_jvp_by_double_backward_matches_the_dense_jacobian(case):
+    model, x = _network(case)
+    J = _dense_jacobian(model, x)
+    v = [torch.randn_like(p) for p in model.parameters()]
+    u = _double_backward_jvp(model, x, v)
+    expected = J @ torch.cat([t.reshape(-1) for t in v])
+    torch.testing.assert_close(u.reshape(-1), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gradient_is_pytorchs_own(case):
+    model, x = _network(case)
+    w = torch.randn_like(model(x))
+    reference = torch.autograd.grad(model(x), list(model.parameters()), w)
+    with backward_for_jvp():
+        z = model(x)
+    ours = torch.autograd.grad(z, list(model.parameters()), w)
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("case", sorted(LAYER_NORMS))
+def test_layer_norm_jvp_matches_the_dense_jacobian(case):
+    model, x = _layer_norm_network(case)
+    J = _dense_jacobian(model, x)
+    v = [torch.randn_like(p) for p in model.parameters()]
+    u = _double_backward_jvp(model, x, v)
+    expected = J @ torch.cat([t.reshape(-1) for t in v])
+    torch.testing.assert_close(u.reshape(-1), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", sorted(LAYER_NORMS))
+def test_layer_norm_gradient_is_pytorchs_own(case):
+    model, x = _layer_norm_network(case)
+    w = torch.randn_like(model(x))
+    reference = torch.autograd.grad(model(x), list(model.parameters()), w)
+    with backward_for_jvp():
+        z = model(x)
+    ours = torch.autograd.grad(z, list(model.parameters()), w)
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+def test_frozen_weight_and_input_without_grad():
+    """A frozen convolution passes the tangent of its input; the first one has no input tangent."""
+    model, x = _network("conv2d_stride_dilation")
+    model[2].weight.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    v = [torch.randn_like(p) for p in params]
+    with backward_for_jvp():
+        z = model(x)
+    w = torch.zeros_like(z, requires_grad=True)
+    gw = torch.autograd.grad(z, params, w, create_graph=True)
+    (u,) = torch.autograd.grad(gw, w, v)
+    fixed = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+
+    def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(model, {**fixed, **p}, (x,))
+
+    primals = {n: p.detach() for n, p in zip(names, params, strict=True)}
+    _, expected = torch.func.jvp(f, (primals,), (dict(zip(names, v, strict=True)),))
+    torch.testing.assert_close(u, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_only_integer_padding_is_rerouted():
+    """String padding keeps PyTorch's own convolution (and its exact double backward)."""
+    seen = []
+    original = _Convolution.apply
+
+    def spy(*args):
+        seen.append(args[3].padding)
+        return original(*args)
+
+    conv = nn.Conv2d(2, 2, 3, padding="same").double()
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    try:
+        _Convolution.apply = spy  # type: ignore[method-assign]
+        with backward_for_jvp():
+            conv(x)
+            nn.Conv2d(2, 2, 3, padding=1).double()(x)
+    finally:
+        _Convolution.apply = original  # type: ignore[method-assign]
+    assert seen == [[1, 1]]
+
+
+def test_no_graph_no_reroute():
+    """Under no_grad the convolution is PyTorch's own, with no autograd Function in between."""
+    conv = nn.Conv2d(2, 2, 3)
+    with torch.no_grad(), backward_for_jvp():
+        y = conv(torch.randn(1, 2, 5, 5))
+    assert y.grad_fn is None
