@@ -1,5 +1,5 @@
-"""backward_for_jvp: JVPs by double backward through convolutions and LayerNorm, against dense
-references.
+"""backward_for_jvp: JVPs by double backward through convolutions, LayerNorm and eval-mode
+BatchNorm, against dense references.
 
 The reference is the dense Jacobian of the flattened output with respect to the flattened
 parameters (torch.autograd.functional.jacobian, float64), an independent computation: u = J v
@@ -57,6 +57,25 @@ def _layer_norm_network(case: str) -> tuple[nn.Module, torch.Tensor]:
             p.add_(0.3 * torch.randn_like(p))
     model = nn.Sequential(nn.Linear(4, 6), norm, nn.Tanh(), nn.Linear(6, 2), nn.Flatten())
     return model.double(), torch.randn(5, 3, 4, dtype=torch.float64)
+
+
+def _batch_norm_network(affine: bool, two_d: bool) -> tuple[nn.Module, torch.Tensor]:
+    """conv (or linear) -> eval BatchNorm with non-trivial running statistics -> tanh -> head."""
+    torch.manual_seed(0)
+    if two_d:
+        norm = nn.BatchNorm2d(3, affine=affine)
+        layers = [nn.Conv2d(2, 3, 3), norm, nn.Tanh(), nn.Conv2d(3, 1, 1), nn.Flatten()]
+        x = torch.randn(4, 2, 5, 5)
+    else:
+        norm = nn.BatchNorm1d(3, affine=affine)
+        layers = [nn.Linear(2, 3), norm, nn.Tanh(), nn.Linear(3, 2)]
+        x = torch.randn(6, 2)
+    with torch.no_grad():
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+        for p in norm.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return nn.Sequential(*layers).double().eval(), x.double()
 
 
 def _dense_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -124,6 +143,32 @@ def test_layer_norm_gradient_is_pytorchs_own(case):
     ours = torch.autograd.grad(z, list(model.parameters()), w)
     for a, b in zip(ours, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("two_d", [True, False])
+def test_eval_batch_norm_jvp_and_gradient_match_the_references(affine, two_d):
+    model, x = _batch_norm_network(affine, two_d)
+    J = _dense_jacobian(model, x)
+    v = [torch.randn_like(p) for p in model.parameters()]
+    u = _double_backward_jvp(model, x, v)
+    expected = J @ torch.cat([t.reshape(-1) for t in v])
+    torch.testing.assert_close(u.reshape(-1), expected, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(model(x))
+    reference = torch.autograd.grad(model(x), list(model.parameters()), w)
+    with backward_for_jvp():
+        ours = torch.autograd.grad(model(x), list(model.parameters()), w)
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+def test_train_mode_batch_norm_keeps_pytorchs_path():
+    """Batch statistics make BatchNorm a different function: it is not rerouted."""
+    model, x = _batch_norm_network(affine=True, two_d=True)
+    model.train()
+    with backward_for_jvp():
+        out = model[1](model[0](x))
+    assert "NativeBatchNorm" in type(out.grad_fn).__name__
 
 
 def test_frozen_weight_and_input_without_grad():

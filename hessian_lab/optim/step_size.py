@@ -277,7 +277,9 @@ class StepSizeEstimator:
                 grads = [g.detach() for g in sub]
                 if split:
                     rest = self._vjp(z_rest, leaves, state.output_grad[m:], create_graph=False)
-                    grads = [a + b for a, b in zip(grads, rest, strict=True)]
+                    # In place: one P-sized allocation less per step (they page-fault, see
+                    # docs/optimizer.md); rest is this backward's own output.
+                    grads = [b.add_(a) for a, b in zip(grads, rest, strict=True)]
         gradient = dict(zip(self.param_names, grads, strict=True))
         if m < n:
             sub_state = curv.state(state.outputs[:m], targets[:m])
