@@ -15,7 +15,7 @@ from torch import nn
 from hessian_lab.core import backward_for_jvp
 from hessian_lab.core.backward_for_jvp import _Convolution
 
-CASES = {
+CONVOLUTIONS = {
     "conv1d": (lambda: nn.Conv1d(3, 4, 3, padding=1), (5, 3, 9)),
     "conv2d_stride_dilation": (
         lambda: nn.Conv2d(3, 4, 3, stride=2, dilation=2, padding=2),
@@ -30,51 +30,54 @@ CASES = {
     "conv3d": (lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1)), (2, 2, 4, 5, 4)),
 }
 LAYER_NORMS = {
-    "affine": lambda: nn.LayerNorm(6),
-    "no_affine": lambda: nn.LayerNorm(6, elementwise_affine=False),
-    "no_bias_two_dims": lambda: nn.LayerNorm((3, 6), bias=False),
+    "layer_norm_affine": lambda: nn.LayerNorm(6),
+    "layer_norm_no_affine": lambda: nn.LayerNorm(6, elementwise_affine=False),
+    "layer_norm_no_bias_two_dims": lambda: nn.LayerNorm((3, 6), bias=False),
 }
+BATCH_NORMS = {  # (affine, 2-d): eval mode, with non-trivial running statistics
+    "batch_norm_2d": (True, True),
+    "batch_norm_2d_no_affine": (False, True),
+    "batch_norm_1d": (True, False),
+    "batch_norm_1d_no_affine": (False, False),
+}
+CASES = sorted([*CONVOLUTIONS, *LAYER_NORMS, *BATCH_NORMS])
+
+
+def _perturb(module: nn.Module) -> None:
+    with torch.no_grad():
+        for p in module.parameters():  # away from γ = 1, β = 0
+            p.add_(0.3 * torch.randn_like(p))
 
 
 def _network(case: str) -> tuple[nn.Module, torch.Tensor]:
-    """conv -> tanh -> the same-shaped conv -> flatten: the second conv's input needs a tangent."""
+    """A small float64 network around the operation, and its input; every operation after the
+    first sees an input with a tangent."""
     torch.manual_seed(0)
-    make, shape = CASES[case]
-    first = make()
-    with torch.no_grad():  # a second convolution of the same kind on the first one's output
-        out_channels = first(torch.zeros(shape)).shape[1]
-    second = type(first)(out_channels, 2, 1)
-    model = nn.Sequential(first, nn.Tanh(), second, nn.Flatten()).double()
-    return model, torch.randn(shape, dtype=torch.float64)
-
-
-def _layer_norm_network(case: str) -> tuple[nn.Module, torch.Tensor]:
-    """linear -> LayerNorm -> tanh -> linear on [batch, 3, 6]: the norm's input has a tangent."""
-    torch.manual_seed(0)
-    norm = LAYER_NORMS[case]()
-    with torch.no_grad():
-        for p in norm.parameters():  # away from γ = 1, β = 0
-            p.add_(0.3 * torch.randn_like(p))
-    model = nn.Sequential(nn.Linear(4, 6), norm, nn.Tanh(), nn.Linear(6, 2), nn.Flatten())
-    return model.double(), torch.randn(5, 3, 4, dtype=torch.float64)
-
-
-def _batch_norm_network(affine: bool, two_d: bool) -> tuple[nn.Module, torch.Tensor]:
-    """conv (or linear) -> eval BatchNorm with non-trivial running statistics -> tanh -> head."""
-    torch.manual_seed(0)
-    if two_d:
-        norm = nn.BatchNorm2d(3, affine=affine)
-        layers = [nn.Conv2d(2, 3, 3), norm, nn.Tanh(), nn.Conv2d(3, 1, 1), nn.Flatten()]
-        x = torch.randn(4, 2, 5, 5)
-    else:
-        norm = nn.BatchNorm1d(3, affine=affine)
-        layers = [nn.Linear(2, 3), norm, nn.Tanh(), nn.Linear(3, 2)]
-        x = torch.randn(6, 2)
-    with torch.no_grad():
-        norm.running_mean.normal_()
-        norm.running_var.uniform_(0.5, 2.0)
-        for p in norm.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    if case in CONVOLUTIONS:  # conv -> tanh -> a conv of the same kind on its output -> flatten
+        make, shape = CONVOLUTIONS[case]
+        first = make()
+        with torch.no_grad():
+            out_channels = first(torch.zeros(shape)).shape[1]
+        layers = [first, nn.Tanh(), type(first)(out_channels, 2, 1), nn.Flatten()]
+        x = torch.randn(shape)
+    elif case in LAYER_NORMS:  # linear -> LayerNorm -> tanh -> linear on [batch, 3, 6]
+        norm = LAYER_NORMS[case]()
+        _perturb(norm)
+        layers = [nn.Linear(4, 6), norm, nn.Tanh(), nn.Linear(6, 2), nn.Flatten()]
+        x = torch.randn(5, 3, 4)
+    else:  # conv (or linear) -> eval BatchNorm -> tanh -> head
+        affine, two_d = BATCH_NORMS[case]
+        norm = nn.BatchNorm2d(3, affine=affine) if two_d else nn.BatchNorm1d(3, affine=affine)
+        with torch.no_grad():
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+        _perturb(norm)
+        if two_d:
+            layers = [nn.Conv2d(2, 3, 3), norm, nn.Tanh(), nn.Conv2d(3, 1, 1), nn.Flatten()]
+            x = torch.randn(4, 2, 5, 5)
+        else:
+            layers = [nn.Linear(2, 3), norm, nn.Tanh(), nn.Linear(3, 2)]
+            x = torch.randn(6, 2)
     return nn.Sequential(*layers).double().eval(), x.double()
 
 
@@ -91,6 +94,26 @@ def _dense_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([b.reshape(b.shape[0], -1) for b in blocks], dim=1)
 
 
+def _graph_nodes(z: torch.Tensor) -> set[str]:
+    """The class names of every autograd node behind z."""
+    seen, stack, names = set(), [z.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def _rerouted_node(case: str) -> str:
+    """The autograd node of the Function the case's operation must run as."""
+    if case in CONVOLUTIONS:
+        return "_ConvolutionBackward"
+    return "_LayerNormBackward" if case in LAYER_NORMS else "_BatchNormEvalBackward"
+
+
 def _double_backward_jvp(model: nn.Module, x: torch.Tensor, v: list[torch.Tensor]) -> torch.Tensor:
     params = list(model.parameters())
     with backward_for_jvp():
@@ -101,9 +124,11 @@ def _double_backward_jvp(model: nn.Module, x: torch.Tensor, v: list[torch.Tensor
     return u
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", CASES)
 def test_jvp_by_double_backward_matches_the_dense_jacobian(case):
     model, x = _network(case)
+    with backward_for_jvp():  # the operation is rerouted (else this test would check PyTorch's)
+        assert _rerouted_node(case) in _graph_nodes(model(x))
     J = _dense_jacobian(model, x)
     v = [torch.randn_like(p) for p in model.parameters()]
     u = _double_backward_jvp(model, x, v)
@@ -111,7 +136,7 @@ def test_jvp_by_double_backward_matches_the_dense_jacobian(case):
     torch.testing.assert_close(u.reshape(-1), expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", CASES)
 def test_gradient_is_pytorchs_own(case):
     model, x = _network(case)
     w = torch.randn_like(model(x))
@@ -123,48 +148,9 @@ def test_gradient_is_pytorchs_own(case):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
 
 
-@pytest.mark.parametrize("case", sorted(LAYER_NORMS))
-def test_layer_norm_jvp_matches_the_dense_jacobian(case):
-    model, x = _layer_norm_network(case)
-    J = _dense_jacobian(model, x)
-    v = [torch.randn_like(p) for p in model.parameters()]
-    u = _double_backward_jvp(model, x, v)
-    expected = J @ torch.cat([t.reshape(-1) for t in v])
-    torch.testing.assert_close(u.reshape(-1), expected, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("case", sorted(LAYER_NORMS))
-def test_layer_norm_gradient_is_pytorchs_own(case):
-    model, x = _layer_norm_network(case)
-    w = torch.randn_like(model(x))
-    reference = torch.autograd.grad(model(x), list(model.parameters()), w)
-    with backward_for_jvp():
-        z = model(x)
-    ours = torch.autograd.grad(z, list(model.parameters()), w)
-    for a, b in zip(ours, reference, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
-
-
-@pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("two_d", [True, False])
-def test_eval_batch_norm_jvp_and_gradient_match_the_references(affine, two_d):
-    model, x = _batch_norm_network(affine, two_d)
-    J = _dense_jacobian(model, x)
-    v = [torch.randn_like(p) for p in model.parameters()]
-    u = _double_backward_jvp(model, x, v)
-    expected = J @ torch.cat([t.reshape(-1) for t in v])
-    torch.testing.assert_close(u.reshape(-1), expected, rtol=1e-12, atol=1e-12)
-    w = torch.randn_like(model(x))
-    reference = torch.autograd.grad(model(x), list(model.parameters()), w)
-    with backward_for_jvp():
-        ours = torch.autograd.grad(model(x), list(model.parameters()), w)
-    for a, b in zip(ours, reference, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
-
-
 def test_train_mode_batch_norm_keeps_pytorchs_path():
     """Batch statistics make BatchNorm a different function: it is not rerouted."""
-    model, x = _batch_norm_network(affine=True, two_d=True)
+    model, x = _network("batch_norm_2d")
     model.train()
     with backward_for_jvp():
         out = model[1](model[0](x))

@@ -46,6 +46,23 @@ _SIGNATURE = ("input", "weight", "bias", "stride", "padding", "dilation", "group
 _DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
 
+def _wanted(
+    values: Sequence[torch.Tensor | None], mask: Sequence[bool]
+) -> tuple[torch.Tensor, ...]:
+    """The values a backward was asked for (``mask``), as a Function's outputs."""
+    return tuple(v for v, wanted in zip(values, mask, strict=True) if wanted)
+
+
+def _unmask(values: Sequence[torch.Tensor], mask: Sequence[bool]) -> list[torch.Tensor | None]:
+    """The inverse of :func:`_wanted`: None where the mask asked for nothing."""
+    it = iter(values)
+    return [next(it) if wanted else None for wanted in mask]
+
+
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
 def _as_list(value: int | Sequence[int], dims: int) -> list[int]:
     return [int(value)] * dims if isinstance(value, int) else [int(v) for v in value]
 
@@ -108,18 +125,13 @@ class _ConvolutionBackward(torch.autograd.Function):
     ) -> tuple[torch.Tensor, ...]:
         ctx.save_for_backward(x, weight)
         ctx.geometry, ctx.mask = geometry, mask
-        grads = geometry.backward(grad_out, x, weight, mask[2], list(mask))
-        return tuple(g for g, wanted in zip(grads, mask, strict=True) if wanted)
+        return _wanted(geometry.backward(grad_out, x, weight, mask[2], list(mask)), mask)
 
     @staticmethod
     def backward(ctx: Any, *tangents: torch.Tensor | None) -> tuple[Any, ...]:
         x, weight = ctx.saved_tensors
         geometry: _Geometry = ctx.geometry
-        full: list[torch.Tensor | None] = []
-        it = iter(tangents)
-        for wanted in ctx.mask:
-            full.append(next(it) if wanted else None)
-        dx, dw, db = full
+        dx, dw, db = _unmask(tangents, ctx.mask)
         out = None
         if dw is not None or db is not None:
             w = torch.zeros_like(weight) if dw is None else dw
@@ -157,14 +169,12 @@ class _Convolution(torch.autograd.Function):
         mask = (needs[0], needs[1], ctx.has_bias and needs[2])
         if not any(mask):
             return None, None, None, None
-        if torch.is_grad_enabled():  # create_graph=True: record the linear map ȳ ↦ (x̄, W̄, b̄)
-            outs = iter(
-                _ConvolutionBackward.apply(grad_out, x.detach(), weight.detach(), geometry, mask)
-            )
-            grads = [next(outs) if wanted else None for wanted in mask]
-        else:
-            grads = list(geometry.backward(grad_out, x, weight, mask[2], list(mask)))
-            grads = [g if wanted else None for g, wanted in zip(grads, mask, strict=True)]
+        # Under create_graph this records the linear map ȳ ↦ (x̄, W̄, b̄); otherwise it is aten's
+        # backward. x and W enter as constants: the map is differentiable in ȳ only.
+        linear_map = _ConvolutionBackward.apply(
+            grad_out, x.detach(), weight.detach(), geometry, mask
+        )
+        grads = _unmask(linear_map, mask)
         return grads[0], grads[1], grads[2], None
 
 
@@ -191,13 +201,12 @@ class _LayerNormBackward(torch.autograd.Function):
         grads = torch.ops.aten.native_layer_norm_backward(
             grad_out, x, shape, mean, rstd, weight, bias, list(mask)
         )
-        return tuple(g for g, wanted in zip(grads, mask, strict=True) if wanted)
+        return _wanted(grads, mask)
 
     @staticmethod
     def backward(ctx: Any, *tangents: torch.Tensor | None) -> tuple[Any, ...]:
         x, mean, rstd, weight = ctx.saved_tensors
-        it = iter(tangents)
-        dx, dw, db = (next(it) if wanted else None for wanted in ctx.mask)
+        dx, dw, db = _unmask(tangents, ctx.mask)
         x_hat = (x - mean) * rstd
         out = None
         if dx is not None:
@@ -241,27 +250,11 @@ class _LayerNorm(torch.autograd.Function):
         mask = (needs[0], weight is not None and needs[2], bias is not None and needs[3])
         if not any(mask):
             return None, None, None, None, None
-        if torch.is_grad_enabled():  # create_graph=True: record the linear map ȳ ↦ (x̄, γ̄, β̄)
-            detached_weight = None if weight is None else weight.detach()
-            detached_bias = None if bias is None else bias.detach()
-            outs = iter(
-                _LayerNormBackward.apply(
-                    grad_out,
-                    x.detach(),
-                    ctx.shape,
-                    mean,
-                    rstd,
-                    detached_weight,
-                    detached_bias,
-                    mask,
-                )
-            )
-            grads = [next(outs) if wanted else None for wanted in mask]
-        else:
-            computed = torch.ops.aten.native_layer_norm_backward(
-                grad_out, x, ctx.shape, mean, rstd, weight, bias, list(mask)
-            )
-            grads = [g if wanted else None for g, wanted in zip(computed, mask, strict=True)]
+        # As in _Convolution.backward: the linear map ȳ ↦ (x̄, γ̄, β̄), differentiable in ȳ only.
+        linear_map = _LayerNormBackward.apply(
+            grad_out, x.detach(), ctx.shape, mean, rstd, _detached(weight), _detached(bias), mask
+        )
+        grads = _unmask(linear_map, mask)
         return grads[0], None, grads[1], grads[2], None
 
 
@@ -308,13 +301,12 @@ class _BatchNormEvalBackward(torch.autograd.Function):
         grads = torch.ops.aten.native_batch_norm_backward(
             grad_out, x, weight, mean, var, None, None, False, eps, list(mask)
         )
-        return tuple(g for g, wanted in zip(grads, mask, strict=True) if wanted)
+        return _wanted(grads, mask)
 
     @staticmethod
     def backward(ctx: Any, *tangents: torch.Tensor | None) -> tuple[Any, ...]:
         x, mean, var, weight = ctx.saved_tensors
-        it = iter(tangents)
-        dx, dw, db = (next(it) if wanted else None for wanted in ctx.mask)
+        dx, dw, db = _unmask(tangents, ctx.mask)
         rstd = torch.rsqrt(var + ctx.eps)
         c = torch.zeros_like(mean) if db is None else db
         out = None
@@ -360,19 +352,11 @@ class _BatchNormEval(torch.autograd.Function):
         mask = (needs[0], weight is not None and needs[3], ctx.has_bias and needs[4])
         if not any(mask):
             return None, None, None, None, None, None
-        if torch.is_grad_enabled():  # create_graph=True: record the linear map ȳ ↦ (x̄, γ̄, β̄)
-            detached_weight = None if weight is None else weight.detach()
-            outs = iter(
-                _BatchNormEvalBackward.apply(
-                    grad_out, x.detach(), mean, var, detached_weight, ctx.eps, mask
-                )
-            )
-            grads = [next(outs) if wanted else None for wanted in mask]
-        else:
-            computed = torch.ops.aten.native_batch_norm_backward(
-                grad_out, x, weight, mean, var, None, None, False, ctx.eps, list(mask)
-            )
-            grads = [g if wanted else None for g, wanted in zip(computed, mask, strict=True)]
+        # As in _Convolution.backward: the linear map ȳ ↦ (x̄, γ̄, β̄), differentiable in ȳ only.
+        linear_map = _BatchNormEvalBackward.apply(
+            grad_out, x.detach(), mean, var, _detached(weight), ctx.eps, mask
+        )
+        grads = _unmask(linear_map, mask)
         return grads[0], None, None, grads[1], grads[2], None
 
 
