@@ -25,6 +25,9 @@ its own extra probes).
 
 Every time is the minimum over repeats (after a warm-up), so load from other processes on a shared
 machine inflates it least; on CPU the clock is the process's CPU time (run with ``--threads 1``).
+``--matmat`` measures only the ``matmat(16) / column`` row (and the gradient), every operator of
+both libraries in turn within each of ``--rounds`` rounds.
+
 Run: ``python analyses/benchmark_operators.py --threads 1`` (add
 ``--device cuda`` on a GPU).
 """
@@ -242,6 +245,53 @@ def peer(kind: str) -> Callable | None:
     )
 
 
+def matmat_table(device: torch.device, args) -> None:
+    """Print the ``--matmat`` tables: one gradient and ``matmat(16) / column``, interleaved.
+
+    Every operator (ours and curvlinops', H, Q and GN) is built once per model and its cache
+    filled; then each of ``--rounds`` rounds times one gradient and each operator's 16-column
+    ``matmat`` in turn, so that load from other jobs falls on all of them alike. A cell is the
+    fastest round's time per column over the fastest round's gradient.
+    """
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
+    for short, build in MODELS.items():
+        torch.manual_seed(0)
+        _matmat_rows(short, *build(), device, args)
+
+
+def _matmat_rows(short: str, model: nn.Module, batch, device: torch.device, args) -> None:
+    model = model.to(device)
+    batch = tuple(t.to(device) for t in batch)
+    loss = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    P = sum(p.numel() for p in params)
+    v = torch.randn(P, device=device)
+    V = torch.randn(P, 16, device=device)
+    ops = {}
+    for library, factory in (("hessian_lab", ours), ("curvlinops", peer)):
+        for kind in ("H", "Q", "GN"):
+            make = factory(kind)
+            if make is not None:
+                ops[(library, kind)] = make(model, loss, batch)
+                ops[(library, kind)] @ v  # fills any cache
+
+    def gradient() -> None:
+        torch.autograd.grad(loss(model(batch[0]), batch[1]), params)
+
+    units: list[float] = []
+    per_col: dict[tuple[str, str], list[float]] = {key: [] for key in ops}
+    for _ in range(args.rounds):
+        units.append(best_time(gradient, device, args.repeats))
+        for key, op in ops.items():
+            per_col[key].append(best_time(lambda op=op: op @ V, device, 1) / 16)
+    unit = min(units)
+    print(f"\n### {short} (P={P}); one gradient = {unit * 1e3:.2f} ms, {args.rounds} rounds\n")
+    print("| ratio to one gradient | " + " | ".join(f"{lib} {op}" for lib, op in ops) + " |")
+    print("|---|" + "---:|" * len(ops))
+    cells = " | ".join(f"{min(t) / unit:.2f}" for t in per_col.values())
+    print(f"| matmat(16) / column | {cells} |")
+
+
 def benchmark(
     name: str, short: str, model: nn.Module, batch, device: torch.device, args
 ) -> list[dict]:
@@ -310,6 +360,12 @@ def main() -> None:
         "--first-product", nargs=3, metavar=("MODEL", "LIBRARY", "OP"), help=argparse.SUPPRESS
     )  # the child process of "process's first product"
     parser.add_argument("--memory", action="store_true", help="the peak-memory table instead")
+    parser.add_argument(
+        "--matmat",
+        action="store_true",
+        help="only the matmat(16) / column row, libraries interleaved over --rounds rounds",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of --matmat")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -323,6 +379,9 @@ def main() -> None:
         return
     if args.memory:
         memory_table(args)
+        return
+    if args.matmat:
+        matmat_table(device, args)
         return
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     rows = []

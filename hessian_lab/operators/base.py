@@ -277,16 +277,22 @@ class CurvatureOperator(ABC):
         return self._matmat(self._check_vector(V, matrix=True))
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        tangents = vector_to_params(V, self._params)
         loop = self.matmat_mode == "loop" and V.shape[1] > 1
-        # A loop accumulates column i in row i of a [k, P] buffer: contiguous writes (a column
-        # of a [P, k] matrix is strided, which measured 20-30% slower on the MLP), one transpose.
+        # A loop works on rows of [k, P] buffers: column i comes from row i of one transposed copy
+        # of V and accumulates in row i of the output, transposed once at the end. A column of a
+        # [P, k] matrix is strided: products on it measured 20% slower on the MLP, and a copy per
+        # column reads all of V (analyses/benchmark_operators.py).
+        if loop:
+            columns = [
+                {n: t[None] for n, t in self.vector_to_params(row).items()}
+                for row in V.T.contiguous()
+            ]
+        tangents = vector_to_params(V, self._params)
         out = V.new_zeros(V.shape[1], V.shape[0]) if loop else torch.zeros_like(V)
         with torch.no_grad():
             for weight, state in self._iter_states():
                 if loop:
-                    for i in range(V.shape[1]):
-                        column = {n: t[i : i + 1] for n, t in tangents.items()}
+                    for i, column in enumerate(columns):
                         out[i].add_(self._batch_matmat(state, column)[:, 0], alpha=weight)
                 else:
                     out.add_(self._batch_matmat(state, tangents), alpha=weight)

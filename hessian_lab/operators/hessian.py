@@ -23,7 +23,8 @@ def hessian_vector_products(
     """H v = ∂(∇h · v)/∂θ by a backward through the graph of ``grads`` (double backward).
 
     Args:
-        grads: ∇h as tensors built with ``create_graph=True`` from ``leaves``.
+        grads: ∇h as tensors built with ``create_graph=True`` from ``leaves``; one without a
+            graph (``requires_grad`` false) is a constant and contributes nothing.
         leaves: The parameters θ the gradient was taken with respect to.
         tangents: v, one tensor per leaf (with a leading dimension of k when ``batched``).
         batched: k tangents at once (``is_grads_batched``).
@@ -32,15 +33,20 @@ def hessian_vector_products(
     Returns:
         H v per leaf; a parameter the gradient does not depend on gets a zero row of H.
     """
-    with torch.enable_grad():
-        prods = torch.autograd.grad(
-            list(grads),
-            list(leaves),
-            grad_outputs=list(tangents),
-            retain_graph=retain_graph,
-            allow_unused=True,
-            is_grads_batched=batched,
-        )
+    # A gradient without a graph (of a parameter the loss does not use, or enters linearly with
+    # a constant coefficient) does not depend on θ: its column block of H is zero.
+    pairs = [(g, t) for g, t in zip(grads, tangents, strict=True) if g.requires_grad]
+    prods: Sequence[torch.Tensor | None] = [None] * len(leaves)
+    if pairs:
+        with torch.enable_grad():
+            prods = torch.autograd.grad(
+                [g for g, _ in pairs],
+                list(leaves),
+                grad_outputs=[t for _, t in pairs],
+                retain_graph=retain_graph,
+                allow_unused=True,
+                is_grads_batched=batched,
+            )
     return [
         torch.zeros_like(t) if hp is None else hp for hp, t in zip(prods, tangents, strict=True)
     ]
@@ -82,9 +88,12 @@ class HessianOperator(CurvatureOperator):
     ∂(∇h · v)/∂θ. We do not use ``torch.func.hessian`` or reverse-over-forward, which return
     wrong Hessians through LayerNorm in torch 2.13 (DESIGN.md §6); double backward agrees with
     finite differences to 1e-10 there. ``matmat`` loops over the columns on CPU (the default),
-    each one double backward through the cached graph: measured 1.2-1.3 gradients per column on
-    the MLP of ``analyses/benchmark_operators.py`` against 1.4-1.6 for vmapped
-    forward-over-reverse. ``matmat_mode="vmap"`` (the default off the CPU) uses
+    each one double backward through the cached graph on a contiguous column (the loop reads
+    its columns from one transposed copy of V): ``matmat(16)`` measured 1.5 gradients per
+    column on the MLP of ``analyses/benchmark_operators.py`` (1.3 for the products alone; a
+    strided column cost 1.7) and 2.6-2.8 on its CNN, against 1.6 and 7.5 for vmapped
+    forward-over-reverse, whose larger matrix products were no faster per column on one CPU
+    thread. ``matmat_mode="vmap"`` (the default off the CPU) uses
     ``vmap(jvp(grad(h)))``, also exact through LayerNorm; where forward mode fails
     (``MSELoss("mean")`` in torch 2.13) it falls back to ``is_grads_batched`` double backward,
     and to a loop where an operation has no batching rule.
@@ -98,7 +107,14 @@ class HessianOperator(CurvatureOperator):
         leaves = {n: p.detach().requires_grad_(True) for n, p in self._params.items()}
         with torch.enable_grad():
             loss = self.loss_reduction(self._f(leaves, inputs), targets)
-            grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+            grads = torch.autograd.grad(
+                loss, list(leaves.values()), create_graph=True, allow_unused=True
+            )
+        # A parameter the loss does not use has a zero gradient (and zero rows and columns of H).
+        grads = tuple(
+            torch.zeros_like(p) if g is None else g
+            for g, p in zip(grads, leaves.values(), strict=True)
+        )
         return HessianState(leaves, loss.detach(), grads, inputs, targets)
 
     def _forward_over_reverse_matmat(
