@@ -4,10 +4,16 @@ Runs ``--steps`` Lanczos steps on the GGN operator (the paper's Q) of an MLP wit
 parameters, timing every product, and prints the fraction of the wall time spent outside the
 products (orthogonalization, bookkeeping) for each reorthogonalization mode of
 :func:`hessian_lab.linalg.lanczos`: ``full`` (the default), ``partial`` (Simon's partial
-reorthogonalization) and ``none``. The modes run interleaved, ``--repeats`` rounds, and the median
-and the minimum over the rounds are reported (a busy neighbour inflates single runs). The issue's
-target is at most 10% at 100 steps and P ≈ 1e5. Ratios, not absolute times, are what carries over
-between machines (DESIGN.md §5).
+reorthogonalization), ``selective`` (Parlett & Scott's selective orthogonalization) and
+``none``. The modes run interleaved, ``--repeats`` rounds, and the median and the minimum over the
+rounds are reported (a busy neighbour inflates single runs). The issue's target is at most 10% at
+100 steps and P ≈ 1e5. Ratios, not absolute times, are what carries over between machines
+(DESIGN.md §5).
+
+For each mode one more, untimed run of the same recurrence counts the length-P vectors its
+reorthogonalization read (``LanczosRecurrence.basis_vector_reads``; the full mode reads
+``m(m + 1)`` in ``m`` steps) and, for ``selective``, its eigendecompositions of T and the step
+where it handed over to ``partial`` (if it did): the machine-independent part of the cost.
 
 Full reorthogonalization reads the ``[j, P]`` basis twice at step ``j`` (two matrix-vector
 products); the last line times those reads alone, for ``j = 1..steps`` on a preallocated basis:
@@ -15,6 +21,7 @@ a floor for the full mode's time outside the products on this machine.
 
 Example:
     python analyses/benchmark_lanczos.py --threads 1   # P = 101,770, N = 1024, 100 steps, float32
+    python analyses/benchmark_lanczos.py --threads 1 --dtype float64
     python analyses/benchmark_lanczos.py --threads 1 --batch 4096
     python analyses/benchmark_lanczos.py --model cnn --batch 64   # P = 115,210
     python analyses/benchmark_lanczos.py --device cuda --repeats 5
@@ -30,9 +37,12 @@ import torch
 from torch import nn
 
 from hessian_lab.linalg import lanczos
+from hessian_lab.linalg.lanczos import LanczosRecurrence
+from hessian_lab.linalg.linear_operator import as_linear_operator
+from hessian_lab.linalg.probes import make_generator
 from hessian_lab.operators import GGNOperator
 
-MODES = {"full": True, "partial": "partial", "none": False}
+MODES = {"full": True, "partial": "partial", "selective": "selective", "none": False}
 
 
 class TimedOperator:
@@ -67,6 +77,24 @@ def run(op: object, steps: int, reorthogonalize: bool | str) -> tuple[float, flo
     return time.perf_counter() - start, timed.seconds, timed.calls
 
 
+def reorthogonalization_counts(op: object, steps: int, reorthogonalize: bool | str) -> str:
+    """Basis reads and monitor events of the run :func:`run` times (same start vector)."""
+    A = as_linear_operator(op)
+    v0 = torch.randn(A.n, 1, generator=make_generator(A.device, 0), dtype=A.dtype, device=A.device)
+    proc = LanczosRecurrence(A, v0, capacity=steps, reorthogonalize=reorthogonalize)
+    proc.run(steps)
+    m = proc.m
+    reads = proc.basis_vector_reads
+    text = f"{reads} vectors read ({100 * reads / (m * (m + 1)):.0f}% of full's m(m+1))"
+    if proc.requested_mode == "selective":
+        text += f", {proc.ritz_checks} eigendecompositions of T, {proc.ritz_vector_builds} builds"
+        if proc.switched_to_partial is not None:
+            text += f", partial from step {proc.switched_to_partial}"
+        else:
+            text += f", {proc.num_good_ritz_vectors} good Ritz vectors"
+    return text
+
+
 def basis_traffic_seconds(steps: int, n: int, dtype: torch.dtype, device: torch.device) -> float:
     """Seconds of the two GEMVs of every step, ``j = 1..steps``, on a ``[steps, n]`` basis alone.
 
@@ -95,7 +123,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument(
-        "--modes", default="full,partial,none", help="comma-separated: full, partial, none"
+        "--modes",
+        default="full,partial,selective,none",
+        help="comma-separated: full, partial, selective, none",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
@@ -142,9 +172,10 @@ def main() -> None:
         share = [100 * (total - prod) / total for total, prod, _ in runs]
         per_product = statistics.median(1e3 * prod / calls for _, prod, calls in runs)
         print(
-            f"{mode:>7}: product {per_product:.1f} ms; outside products median "
+            f"{mode:>9}: product {per_product:.1f} ms; outside products median "
             f"{statistics.median(outside):.3f} s = {statistics.median(share):.1f}% "
-            f"(min {min(outside):.3f} s = {min(share):.1f}%)"
+            f"(min {min(outside):.3f} s = {min(share):.1f}%); "
+            f"{reorthogonalization_counts(op, args.steps, MODES[mode])}"
         )
     m = min(args.steps, P)
     traffic = m * (m + 1) * P * torch.empty((), dtype=dtype).element_size()  # Σ_j 2 j P bytes

@@ -21,7 +21,7 @@ single-vector case. :func:`lanczos`, :func:`batched_lanczos`, :func:`~.eigsh.eig
 
 Reorthogonalization. In floating point the three-term recurrence loses orthogonality as soon as a
 Ritz value converges, and converged eigenvalues reappear as spurious copies ("ghosts"; Paige
-1971). Three modes:
+1971). Four modes:
 
 * ``"full"`` (the default): after the local step, one classical Gram–Schmidt pass against the whole
   basis, :math:`w \leftarrow w - V_j (V_j^\top w)` — two matrix-vector products with the
@@ -52,6 +52,35 @@ Ritz value converges, and converged eigenvalues reappear as spurious copies ("gh
   depends on how fast Ritz values converge (a few percent of the full cost on spectra without
   outliers; about 60% on a float32 network's Gauss–Newton matrix, whose outliers converge in a
   few steps). The returned basis is then only semi-orthogonal.
+* ``"selective"``: Parlett & Scott's (1979) selective orthogonalization. By Paige's theorem the
+  new vector's component along a Ritz vector :math:`y_i = V_j s_i` of ``T_j`` is
+  :math:`|y_i^\top v_{j+1}| \approx \varepsilon\|A\| / (\beta_j |e_j^\top s_i|)`: orthogonality
+  is lost only along Ritz vectors that converged, whose error bound :math:`\beta_j |e_j^\top s_i|`
+  is at most :math:`\sqrt\varepsilon\,\|T_j\|` (with a float32 operator in float64 vectors,
+  :math:`\varepsilon_{op}\|T_j\|/\sqrt\varepsilon`). Each such ``y_i`` is computed once, when it
+  converges (one read of the basis for all that converge together), into a small block ``Y``,
+  and ``w`` is orthogonalized against ``Y`` instead of the basis (``2 k n`` reads for ``k`` good
+  Ritz vectors instead of ``2 j n``). When to look: Simon's estimates run as in ``"partial"``,
+  projected off the span of ``Y`` whenever ``w`` is, and nothing happens until they exceed
+  :math:`\sqrt\varepsilon` (where ``"partial"`` would reorthogonalize). Then, in order, as long
+  as they still do: ``w`` is orthogonalized against the good Ritz vectors along which the
+  estimates put a component above :math:`\varepsilon^{3/4}` (and again at the next step, Simon's
+  pair); ``T_j`` is eigendecomposed on the host (``O(j²)``, about 1 ms at ``j = 100``) and the
+  converged Ritz vectors not yet within :math:`\sqrt\varepsilon` of the span of ``Y`` (new ones,
+  and old ones that moved: the refresh) join it; and, if the loss is still unexplained, the step
+  does what ``"partial"`` does. The process hands over to ``"partial"`` for good — after one
+  reorthogonalization against the whole basis, with the next step's, so that the estimates
+  restart from :math:`\varepsilon` — when ``Y`` would outgrow ``max(16, j / 4)`` vectors (most
+  Ritz values converged) and after a breakdown restart. It runs ``"partial"`` from the start
+  with several processes (``p > 1``) and with vectors coarser than float64: in float32
+  :math:`\sqrt\varepsilon\|T\| = 3\cdot10^{-4}\|T\|` is passed by most Ritz values of a network's
+  spectrum, so the good set would be the basis, and the estimates were seen to let the loss
+  reach 3 :math:`\sqrt\varepsilon`. The basis stays semi-orthogonal (at most 0.3
+  :math:`\sqrt\varepsilon` over 6 spectra × 6 seeds in float64, where ``"partial"`` reached 4.6
+  :math:`\sqrt\varepsilon` on one clustered spectrum). Basis reads, in percent of the full mode's,
+  ``"selective"`` against ``"partial"`` (100 steps): 9% against 30% on a dense matrix with 10
+  outliers, 4% against 16% with two tight clusters of outliers, 12% against 19% on the float64
+  GGN of the benchmark (``analyses/benchmark_lanczos.py``).
 * ``"none"``: the local step only; three vectors in memory, for spectral-density work on very
   large operators where ghosts only move a little weight.
 
@@ -73,6 +102,7 @@ from hessian_lab.linalg.probes import make_generator
 __all__ = [
     "LanczosRecurrence",
     "LanczosResult",
+    "REORTHOGONALIZATION_MODES",
     "Reorthogonalization",
     "batched_lanczos",
     "default_breakdown_tol",
@@ -82,11 +112,23 @@ __all__ = [
 ]
 
 #: Reorthogonalization modes of :class:`LanczosRecurrence` (see the module docstring).
-Reorthogonalization = Literal["full", "partial", "none"]
+Reorthogonalization = Literal["full", "partial", "selective", "none"]
+
+#: The valid values of ``reorthogonalize`` (besides True / False).
+REORTHOGONALIZATION_MODES: tuple[str, ...] = ("full", "partial", "selective", "none")
 
 # A second Gram–Schmidt pass is needed when the first pass removed more than this fraction of the
 # norm (DGKS criterion with eta = 1/sqrt(2)).
 _REORTH_ETA = 1.0 / math.sqrt(2.0)
+
+# Selective mode: past this many good Ritz vectors per basis vector, keeping them up costs more
+# than Simon's ranges, and the process goes on in the "partial" mode.
+_SELECTIVE_MAX_FRACTION = 0.25
+_SELECTIVE_MIN_VECTORS = 16
+# Selective orthogonalization runs in float64 only: with float32 vectors sqrt(eps)·‖T‖ = 3e-4 ‖T‖
+# is passed by most Ritz values of a network's spectrum (the good set would be the basis) and
+# its monitor was seen to let the loss exceed sqrt(eps) (up to 3 sqrt(eps), 6 spectra × 6 seeds).
+_SELECTIVE_MAX_EPS = 1e-10
 
 
 class LanczosResult(NamedTuple):
@@ -164,17 +206,29 @@ def reorthogonalization_mode(reorthogonalize: bool | str) -> Reorthogonalization
     """Normalize a ``reorthogonalize`` argument: ``True`` is ``"full"``, ``False`` is ``"none"``.
 
     Raises:
-        ValueError: For anything but a bool or one of ``"full"``, ``"partial"``, ``"none"``.
+        ValueError: For anything but a bool or one of ``"full"``, ``"partial"``,
+            ``"selective"``, ``"none"`` (the message names them).
     """
     if isinstance(reorthogonalize, str):
-        if reorthogonalize in ("full", "partial", "none"):
+        if reorthogonalize in REORTHOGONALIZATION_MODES:
             return reorthogonalize  # type: ignore[return-value]
     elif isinstance(reorthogonalize, (bool, np.bool_)):
         return "full" if reorthogonalize else "none"
+    valid = ", ".join(repr(m) for m in REORTHOGONALIZATION_MODES)
     raise ValueError(
-        "reorthogonalize must be True ('full'), False ('none') or 'partial', "
+        f"reorthogonalize must be one of {valid}, or True (= 'full') / False (= 'none'); "
         f"got {reorthogonalize!r}."
     )
+
+
+def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted indices as runs ``[lo, hi)`` of consecutive values (gaps of 1-2 merged)."""
+    if idx.size == 0:
+        return []
+    cuts = np.flatnonzero(np.diff(idx) > 3)
+    lows = np.concatenate([idx[:1], idx[cuts + 1]])
+    highs = np.concatenate([idx[cuts], idx[-1:]]) + 1
+    return list(zip(lows.tolist(), highs.tolist(), strict=True))
 
 
 def _rowdot(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
@@ -203,7 +257,9 @@ class LanczosRecurrence:
         A: The operator in internal form.
         V0: ``[n, p]`` start vectors (any nonzero scale), in the working dtype on ``A.device``.
         capacity: Largest number of steps (capped at ``n``); the basis is preallocated for it.
-        reorthogonalize: ``"full"``, ``"partial"`` or ``"none"`` (or True / False).
+        reorthogonalize: ``"full"``, ``"partial"``, ``"selective"`` or ``"none"`` (or True /
+            False). ``"selective"`` runs for ``p = 1`` and float64 vectors; otherwise it is
+            ``"partial"`` (see the module docstring).
         keep_basis: Keep the basis even without reorthogonalization.
         on_breakdown: ``"stop"`` or ``"restart"`` (needs the basis and reorthogonalization,
             otherwise the column stops).
@@ -222,6 +278,14 @@ class LanczosRecurrence:
         basis: ``[p, capacity, n]`` or None.
         reorthogonalized_steps: Column-steps with a Gram–Schmidt pass against (part of) the basis.
         second_passes: Column-steps that needed a second pass (DGKS).
+        basis_vector_reads: Length-``n`` vectors read by reorthogonalization (basis rows and
+            good Ritz vectors; a Gram–Schmidt pass against ``k`` vectors reads ``2 k``): the
+            memory traffic outside the products, in vectors.
+        requested_mode: The ``reorthogonalize`` mode asked for; ``mode`` is the one running
+            now (``"selective"`` may become ``"partial"``, see the module docstring).
+        ritz_checks: Eigendecompositions of ``T`` by the ``"selective"`` monitor.
+        ritz_vector_builds: Times it read the basis to build good Ritz vectors.
+        switched_to_partial: Step at which ``"selective"`` became ``"partial"``, or None.
     """
 
     def __init__(
@@ -244,7 +308,13 @@ class LanczosRecurrence:
         self.n, self.p = A.n, int(V0.shape[1])
         self.dtype, self.device = V0.dtype, V0.device
         self.capacity = max(1, min(int(capacity), self.n))
-        self.mode = reorthogonalization_mode(reorthogonalize)
+        self.requested_mode = reorthogonalization_mode(reorthogonalize)
+        self.mode = self.requested_mode
+        selective_here = self.p == 1 and torch.finfo(V0.dtype).eps <= _SELECTIVE_MAX_EPS
+        if self.mode == "selective" and not selective_here:
+            # Several columns (one set of good Ritz vectors per process is not implemented;
+            # Simon's monitor is batched) or a working precision coarser than float64: partial.
+            self.mode = "partial"
         self.keep_basis = bool(keep_basis) or self.mode != "none"
         self.can_restart = on_breakdown == "restart" and self.keep_basis and self.mode != "none"
         self.breakdown_tol = (
@@ -281,7 +351,10 @@ class LanczosRecurrence:
         self.finished = False  # every column stopped, or the basis spans the whole space
         self.reorthogonalized_steps = 0
         self.second_passes = 0
-        if self.mode == "partial":
+        self.basis_vector_reads = 0
+        self.ritz_checks = 0
+        self.ritz_vector_builds = 0
+        if self.mode in ("partial", "selective"):
             self._eps = torch.finfo(self.dtype).eps
             self._omega = np.zeros((p, cap + 1))  # omega_{j, k}, k <= j (current vector j)
             self._omega_prev = np.zeros((p, cap + 1))  # omega_{j-1, k}
@@ -289,6 +362,21 @@ class LanczosRecurrence:
             self._defect = np.zeros((p, cap))  # d_j = |v_{j-1}ᵀ w| before its removal
             self._force = np.zeros(p, dtype=bool)
             self._last_ranges: list[list[tuple[int, int]]] = [[] for _ in range(p)]
+        if self.mode == "selective":
+            # Good Ritz vectors Y = C V (rows), C their coordinates in the basis (host, [k, cap]).
+            self._coords = np.zeros((0, cap))
+            self._ritz: torch.Tensor | None = None
+            self._ritz_buffer: torch.Tensor | None = None
+            self._ritz_pair: list[tuple[int, int]] = []
+        self.switched_to_partial: int | None = (
+            0 if self.requested_mode == "selective" and self.mode == "partial" else None
+        )
+
+    @property
+    def num_good_ritz_vectors(self) -> int:
+        """Good Ritz vectors held by the ``"selective"`` mode (0 in the other modes)."""
+        ritz = getattr(self, "_ritz", None)
+        return 0 if ritz is None else int(ritz.shape[0])
 
     def _vector(self, j: int) -> torch.Tensor:
         """The ``[p, n]`` block of vectors ``v_j`` (a view of the basis or of the vector pair)."""
@@ -308,6 +396,7 @@ class LanczosRecurrence:
         h = torch.bmm(B, W.unsqueeze(2))
         W.unsqueeze(2).baddbmm_(B.transpose(1, 2), h, alpha=-1.0)
         self.reorthogonalized_steps += self.p
+        self.basis_vector_reads += 2 * self.p * (j + 1)
         return h[:, j]
 
     def _project_out_range(self, w: torch.Tensor, c: int, j: int, lo: int, hi: int) -> float:
@@ -319,10 +408,12 @@ class LanczosRecurrence:
         before = torch.linalg.vector_norm(w)
         h = B @ w
         w.addmv_(B.T, h, alpha=-1.0)
+        self.basis_vector_reads += 2 * (hi - lo)
         if bool(torch.linalg.vector_norm(w) < _REORTH_ETA * before):
             self.second_passes += 1
             h2 = B @ w
             w.addmv_(B.T, h2, alpha=-1.0)
+            self.basis_vector_reads += 2 * (hi - lo)
             h = h + h2
         return h[j - lo].item() if lo <= j < hi else 0.0
 
@@ -342,26 +433,34 @@ class LanczosRecurrence:
         return None
 
     def _update_omega(self, j: int, rows: np.ndarray) -> np.ndarray:
-        r"""Advance the estimates :math:`\omega_{j+1,k}` (rows ``rows``); return ``max_k |ω|``."""
-        a, b, eps = self.alphas[rows], self.betas[rows], self._eps
-        om, om_prev = self._omega[rows], self._omega_prev[rows]
-        new = np.zeros_like(om)
+        r"""Advance the estimates :math:`\omega_{j+1,k}` (rows ``rows``); return ``max_k |ω|``.
+
+        Host work of ``O(j)`` per row on slices of the preallocated arrays; with every row
+        active the two estimate buffers are swapped, not copied.
+        """
+        eps, whole = self._eps, rows.size == self.p
+        sel = slice(None) if whole else rows
+        om, om_prev = self._omega[sel, : j + 2], self._omega_prev[sel, : j + 2]
+        new = np.zeros((rows.size, j + 2))
         if j > 0:
-            k = np.arange(j)
-            t = b[:, k] * om[:, k + 1] + (a[:, k] - a[:, j : j + 1]) * om[:, k]
-            t -= b[:, j - 1 : j] * om_prev[:, k]
-            t[:, 1:] += b[:, k[1:] - 1] * om[:, k[1:] - 1]
-            d = self._defect[rows]
-            scale = b[:, k] + b[:, j : j + 1] + self.anorm[rows][:, None]
-            theta = eps * scale + d[:, k] + d[:, j : j + 1]
+            a, b = self.alphas[sel, : j + 1], self.betas[sel, : j + 1]
+            d, bj = self._defect[sel, : j + 1], b[:, j : j + 1]
+            t = b[:, :j] * om[:, 1 : j + 1] + (a[:, :j] - a[:, j : j + 1]) * om[:, :j]
+            t -= b[:, j - 1 : j] * om_prev[:, :j]
+            t[:, 1:] += b[:, : j - 1] * om[:, : j - 1]
+            scale = b[:, :j] + bj + self.anorm[sel][:, None]
+            theta = eps * scale + d[:, :j] + d[:, j : j + 1]
             t += np.where(t >= 0, theta, -theta)
-            safe = np.where(b[:, j] > 0, b[:, j], 1.0)[:, None]
-            new[:, :j] = t / safe
+            new[:, :j] = t / np.where(bj > 0, bj, 1.0)
         new[:, j] = eps  # after the local step against v_j
         new[:, j + 1] = 1.0
-        self._omega_prev[rows] = om
-        self._omega[rows] = new
-        return np.abs(new[:, :j]).max(axis=1) if j > 0 else np.zeros(len(rows))
+        if whole:
+            self._omega, self._omega_prev = self._omega_prev, self._omega
+            self._omega[:, : j + 2] = new
+        else:
+            self._omega_prev[rows] = self._omega[rows]
+            self._omega[rows, : j + 2] = new
+        return np.abs(new[:, :j]).max(axis=1) if j > 0 else np.zeros(rows.size)
 
     def _ranges(self, c: int, j: int) -> list[tuple[int, int]]:
         r"""Index ranges ``[lo, hi)`` where :math:`|\omega_{j+1,k}| > \varepsilon^{3/4}`.
@@ -396,15 +495,179 @@ class LanczosRecurrence:
         self._force[rows[triggered & ~forced]] = True
         need = rows[triggered | forced].tolist()
         for c in need:
-            ranges = self._ranges(c, j) or self._last_ranges[c]
-            self._last_ranges[c] = ranges
-            w = W[c]
-            for lo, hi in ranges:
-                self.alphas[c, j] += self._project_out_range(w, c, j, lo, hi)
-                self._omega[c, lo:hi] = self._eps
-            self.reorthogonalized_steps += 1
-            beta[c] = torch.linalg.vector_norm(w).item()
+            beta[c] = self._reorthogonalize_ranges(W[c], c, j)
         return bool(need)
+
+    def _selective_reorthogonalization(self, W: torch.Tensor, j: int, beta: list[float]) -> bool:
+        r"""The monitor of the ``"selective"`` mode (one process); returns whether ``w`` changed.
+
+        Simon's estimates :math:`\omega_{j+1,k}` are advanced as in ``"partial"``. Only when
+        :math:`\max_k |\omega_{j+1,k}| > \sqrt\varepsilon` (where ``"partial"`` would
+        reorthogonalize) does anything happen, in this order, each only while the estimates
+        still exceed :math:`\sqrt\varepsilon`:
+
+        1. ``w`` is orthogonalized against the good Ritz vectors ``Y = C V`` already known along
+           which the estimates put a component :math:`|(C\omega)_i| > \varepsilon^{3/4}` (Parlett
+           & Scott's :math:`\tau`), and against the same ones at the next step (Simon's pair:
+           ``v_j`` carries the loss into ``v_{j+2}``) (:meth:`_project_out_ritz`; ``C`` holds
+           their orthonormal coordinates in the basis); the estimates are projected alike,
+           :math:`\omega \leftarrow (I - C^\top C)\omega`;
+        2. ``T_{j+1}`` is eigendecomposed (:meth:`_ritz_check`) and the converged Ritz vectors
+           not yet covered join ``Y``, ``w`` being orthogonalized against them;
+        3. the loss is not explained by converged Ritz vectors: the step does what ``"partial"``
+           does (the stretches of the basis where :math:`|\omega| > \varepsilon^{3/4}`, and
+           Simon's pair: the next step too).
+        """
+        if not self.active[0]:
+            return False
+        limit = math.sqrt(self._eps)
+        self.betas[0, j] = beta[0]
+        self._update_omega(j, np.zeros(1, dtype=np.int64))
+        changed = False
+        level = float(np.abs(self._omega[0, :j]).max()) if j > 0 else 0.0
+        runs, self._ritz_pair = self._ritz_pair, []
+        if level > limit and self._coords.shape[0]:
+            # Only the good Ritz vectors along which the estimated component of v_{j+1},
+            # tau = C omega (Parlett & Scott's tau), exceeds eps^(3/4); and those again at the
+            # next step (Simon's pair: v_j still carries the loss into v_{j+2}).
+            tau = self._coords[:, : j + 1] @ self._omega[0, : j + 1]
+            runs = _runs(np.flatnonzero(np.abs(tau) > self._eps**0.75)) or runs
+            self._ritz_pair = runs
+        for lo, hi in runs:
+            beta[0] = self._project_out_ritz(W[0], j, beta[0], lo, hi)
+            changed = True
+        if runs:
+            level = float(np.abs(self._omega[0, :j]).max())
+        if level > limit and beta[0] > 0 and self._ritz_check(W[0], j, beta):
+            if self.mode == "partial":  # handed over, w reorthogonalized, the pair pending
+                return True
+            changed = True
+            level = float(np.abs(self._omega[0, :j]).max())
+        triggered, forced = level > limit, bool(self._force[0])
+        self._force[0] = triggered and not forced
+        if triggered or forced:
+            beta[0] = self._reorthogonalize_ranges(W[0], 0, j)
+            changed = True
+        return changed
+
+    def _project_out_ritz(self, w: torch.Tensor, j: int, beta: float, lo: int, hi: int) -> float:
+        r"""``w ← w − Yᵀ(Y w)`` with the good Ritz vectors ``Y[lo:hi]``; returns the new ``‖w‖``.
+
+        The estimates follow: scaled by the change of norm and projected,
+        :math:`\omega \leftarrow (I - C^\top C)\,\omega` on those rows ``C`` of coordinates.
+        The removed components along ``v_j`` belong to :math:`\alpha_j` (as in ``"full"``).
+        """
+        Y, C = self._ritz[lo:hi], self._coords[lo:hi, : j + 1]
+        h = Y @ w
+        w.addmv_(Y.T, h, alpha=-1.0)
+        self.basis_vector_reads += 2 * Y.shape[0]
+        host = torch.cat([h, torch.linalg.vector_norm(w).view(1)]).tolist()
+        self.alphas[0, j] += float(np.dot(host[:-1], C[:, j]))
+        om = self._omega[0, : j + 1]
+        if host[-1] > 0:
+            om[:j] *= beta / host[-1]
+        om -= C.T @ (C @ om)
+        return host[-1]
+
+    def _to_partial(self, w: torch.Tensor | None = None, j: int = 0) -> float | None:
+        r"""Leave the ``"selective"`` mode for ``"partial"`` from a clean state.
+
+        The estimates were projected off the good Ritz vectors, which ``"partial"`` does not
+        know: ``w`` (if given) is reorthogonalized against the whole basis, the estimates restart
+        at :math:`\varepsilon`, and the next step is reorthogonalized too (Simon's pair).
+        Returns the new ``‖w‖`` (None without ``w``).
+        """
+        self.mode, self._ritz, self._ritz_buffer = "partial", None, None
+        self._coords = np.zeros((0, self.capacity))
+        self.switched_to_partial = j
+        if w is None:
+            return None
+        self.alphas[0, j] += self._project_out_range(w, 0, j, 0, j + 1)
+        self._omega[0, : j + 1] = self._eps
+        self._force[0] = True
+        self._last_ranges[0] = [(0, j + 1)]
+        self.reorthogonalized_steps += 1
+        return torch.linalg.vector_norm(w).item()
+
+    def _ritz_check(self, w: torch.Tensor, j: int, beta: list[float]) -> bool:
+        r"""Eigendecompose ``T_{j+1}``; add the uncovered good Ritz vectors to ``Y``, project ``w``.
+
+        Ritz pair ``(θ_i, V s_i)`` of ``T_{j+1}`` is good (converged) when
+        :math:`\beta_{j+1} |e^\top s_i| \le \sqrt\varepsilon\,\|T\|` (Parlett & Scott 1979:
+        by Paige's theorem :math:`|y_i^\top v_{j+2}| \approx \varepsilon\|A\| / (\beta_{j+1}
+        |e^\top s_i|)`, so orthogonality is lost only along converged Ritz vectors); with an
+        operator coarser than the working precision (``accumulate_dtype``) the products round at
+        its :math:`\varepsilon_{op}` and the test is :math:`\beta_{j+1} |e^\top s_i| \le
+        \varepsilon_{op}\|T\| / \sqrt\varepsilon`. A good
+        ``s_i`` farther than :math:`\sqrt\varepsilon` from the span of ``C`` (new, or a Ritz
+        vector that moved since it was built: the refresh) adds its orthonormalized remainder
+        ``d`` to ``C`` and ``V d`` to ``Y``, all of them in one read of the basis. When ``Y``
+        would hold more than ``max(16, (j + 1) / 4)`` vectors, keeping it up costs more than
+        Simon's ranges and the process switches to ``"partial"``. Returns whether ``Y`` grew.
+        """
+        self.ritz_checks += 1
+        theta, S = tridiagonal_eigh(
+            torch.from_numpy(self.alphas[0, : j + 1]), torch.from_numpy(self.betas[0, :j])
+        )
+        theta, S = theta.numpy(), S.numpy()
+        tnorm = max(float(np.abs(theta).max()), float(self.anorm[0]))
+        bounds = beta[0] * np.abs(S[-1])
+        # Paige's γ ≈ ε‖A‖ with ε the coarser of the working and the operator's precision
+        # (a float32 operator in float64 vectors rounds its products at float32's ε).
+        gamma = max(self._eps, torch.finfo(self.A.dtype).eps) * tnorm
+        good = bounds <= gamma / math.sqrt(self._eps)
+        if not good.any():
+            return False
+        C = self._coords[:, : j + 1]
+        R = S[:, good]
+        if C.shape[0]:
+            R = R - C.T @ (C @ R)
+            R = R - C.T @ (C @ R)  # twice is enough
+        R = R[:, np.linalg.norm(R, axis=0) > math.sqrt(self._eps)]
+        if R.shape[1] == 0:
+            return False
+        # Orthonormal new directions (SVD: drops dependent ones).
+        U, sig, _ = np.linalg.svd(R, full_matrices=False)
+        D = U[:, sig > math.sqrt(self._eps) * sig.max()].T  # [k_new, j + 1]
+        k = self._coords.shape[0] + D.shape[0]
+        if k > max(_SELECTIVE_MIN_VECTORS, _SELECTIVE_MAX_FRACTION * (j + 1)):
+            # Too many good Ritz vectors (a spectrum that converges everywhere): Simon's ranges
+            # are cheaper from here on.
+            beta[0] = self._to_partial(w, j)
+            return True
+        new = np.zeros((D.shape[0], self.capacity))
+        new[:, : j + 1] = D
+        self._coords = np.concatenate([self._coords, new])
+        # Y_new = D V in one read of the basis, into a buffer allocated at the first build. The
+        # rows of D are orthonormal and orthogonal to C, so those of Y are orthonormal (and
+        # orthogonal to the old ones) to the semi-orthogonality of the basis: no device pass.
+        if self._ritz_buffer is None:
+            rows = max(_SELECTIVE_MIN_VECTORS, int(_SELECTIVE_MAX_FRACTION * self.capacity))
+            self._ritz_buffer = torch.empty(rows, self.n, dtype=self.dtype, device=self.device)
+        old = 0 if self._ritz is None else self._ritz.shape[0]
+        D_t = torch.from_numpy(D).to(self.device, self.dtype)
+        torch.mm(D_t, self.basis[0, : j + 1], out=self._ritz_buffer[old:k])
+        self._ritz = self._ritz_buffer[:k]
+        self.ritz_vector_builds += 1
+        self.basis_vector_reads += j + 1
+        beta[0] = self._project_out_ritz(w, j, beta[0], old, k)
+        self._ritz_pair = [*self._ritz_pair, (old, k)]  # and again at the next step
+        return True
+
+    def _reorthogonalize_ranges(self, w: torch.Tensor, c: int, j: int) -> float:
+        r"""Reorthogonalize row ``c`` against its ranges where :math:`|\omega| > \varepsilon^{3/4}`.
+
+        The ranges of the previous step are reused when none is found (the second step of
+        Simon's pair). Corrects ``self.alphas[c, j]``, resets the estimates there to
+        :math:`\varepsilon` and returns the new norm of ``w``.
+        """
+        ranges = self._ranges(c, j) or self._last_ranges[c]
+        self._last_ranges[c] = ranges
+        for lo, hi in ranges:
+            self.alphas[c, j] += self._project_out_range(w, c, j, lo, hi)
+            self._omega[c, lo:hi] = self._eps
+        self.reorthogonalized_steps += 1
+        return torch.linalg.vector_norm(w).item()
 
     def _step(self) -> None:
         j, p = self.m, self.p
@@ -432,7 +695,7 @@ class LanczosRecurrence:
                 alpha += self._project_out(W, j)
                 beta = torch.linalg.vector_norm(W, dim=1)
                 host[0], host[1] = torch.stack([alpha[:, 0], beta]).tolist()
-        elif mode == "partial":
+        elif mode in ("partial", "selective"):
             if j > 0:  # local reorthogonalization against v_{j-1}; its size is a noise estimate
                 prev = self._vector(j - 1)
                 c_prev = _rowdot(prev, W)
@@ -458,6 +721,8 @@ class LanczosRecurrence:
         self.anorm = np.maximum(self.anorm, host[2])
         beta_dev: torch.Tensor | None = beta  # the device copy, while it equals beta_h
         if mode == "partial" and self._partial_reorthogonalization(W, j, beta_h):
+            beta_dev = None
+        elif mode == "selective" and self._selective_reorthogonalization(W, j, beta_h):
             beta_dev = None
 
         self.m = j + 1
@@ -486,7 +751,11 @@ class LanczosRecurrence:
                 self._num_active -= 1
             else:
                 restarts[c] = restart
-                if mode == "partial":
+                if mode == "selective":
+                    # Past a restart T is block diagonal and its Ritz vectors no longer follow
+                    # the recurrence: the process goes on in the "partial" mode (p = 1 here).
+                    self._to_partial(None, j)
+                if mode in ("partial", "selective"):
                     self._omega[c, : j + 1] = self._eps
                     self._force[c] = False
                     self._last_ranges[c] = []
@@ -557,7 +826,13 @@ def lanczos(
         reorthogonalize: ``True`` / ``"full"`` (default): reorthogonalize each vector against the
             whole basis. ``"partial"``: only when the estimated loss of orthogonality exceeds
             :math:`\sqrt\varepsilon` (Simon 1984; same Ritz values to rounding, a fraction of the
-            cost, a semi-orthogonal basis; see the module docstring). ``False`` / ``"none"``:
+            cost, a semi-orthogonal basis; see the module docstring). ``"selective"``:
+            against the converged Ritz vectors only (Parlett & Scott 1979), each computed once
+            when it converges, looked for where ``"partial"`` would reorthogonalize; a
+            semi-orthogonal basis and the fewest basis reads when a few eigenvalues converge
+            (outliers), in float64 vectors; it is ``"partial"`` in float32 and hands over to it
+            when most Ritz values converge or after a restart (see the module docstring).
+            ``False`` / ``"none"``:
             three vectors only, and ghost copies of converged eigenvalues appear.
         return_basis: Return ``V_m`` (``[n, m]``, on the operator's device). With
             ``reorthogonalize=False`` this stores the basis anyway, but does not use it.
@@ -634,6 +909,8 @@ def batched_lanczos(
         num_steps: Steps ``m`` per process (capped at ``n``).
         reorthogonalize: ``True`` / ``"full"``, ``"partial"`` or ``False`` / ``"none"``, as in
             :func:`lanczos`, each process against its own basis (memory ``p × m × n``).
+            ``"selective"`` is accepted and runs ``"partial"`` when ``p > 1`` (its good Ritz
+            vectors are per process; Simon's monitor is batched).
         breakdown_tol: As in :func:`lanczos`; default ``100 ε`` of the operator's dtype.
 
     Returns:

@@ -212,7 +212,10 @@ def spectral_density(
         seed: Seed of the probes (a :class:`torch.Generator` on the operator's device).
         reorthogonalize: ``True`` / ``"full"``: full reorthogonalization (default);
             ``"partial"``: Simon's partial reorthogonalization (the same nodes and weights to
-            rounding, less time; see :mod:`~hessian_lab.linalg.lanczos`); ``False`` / ``"none"``:
+            rounding, less time; see :mod:`~hessian_lab.linalg.lanczos`); ``"selective"``:
+            Parlett & Scott's selective orthogonalization, which runs only with one probe per
+            batch (``probe_batch_size=1``) and float64 vectors, and is ``"partial"`` otherwise;
+            ``False`` / ``"none"``:
             ghost nodes share the weight of outliers, and the basis is not stored.
         accumulate_dtype: Working dtype of the Lanczos vectors (e.g. float64 for float32 operators).
         probe_batch_size: Probes run in lockstep, sharing one ``matmat`` per step (much cheaper
