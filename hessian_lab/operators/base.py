@@ -287,7 +287,8 @@ class CurvatureOperator(ABC):
                 {n: t[None] for n, t in self.vector_to_params(row).items()}
                 for row in V.T.contiguous()
             ]
-        tangents = vector_to_params(V, self._params)
+        else:
+            tangents = vector_to_params(V, self._params)
         out = V.new_zeros(V.shape[1], V.shape[0]) if loop else torch.zeros_like(V)
         with torch.no_grad():
             for weight, state in self._iter_states():
