@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from hessian_lab.core.backward_for_jvp import backward_for_jvp
 
@@ -129,18 +130,21 @@ class Linearization:
         with torch.enable_grad():
             self._z = z
             self._w: torch.Tensor | None = None
-            self._gw: list[tuple[str, torch.Tensor]] = []
+            self._gw: list[tuple[str, GradientEdge]] = []
             if method == "double_backward":
                 self._w = torch.zeros_like(z, requires_grad=True)
                 grads = torch.autograd.grad(
                     z, list(self._leaves.values()), self._w, create_graph=True, allow_unused=True
                 )
                 # Jᵀw as a function of w; parameters z does not depend on have a zero row of J.
+                # Only the graph is kept (its gradient edges): the values Jᵀ0 = 0 are never
+                # read, and dropping them saves P numbers for as long as the operator lives.
                 self._gw = [
-                    (n, gi)
+                    (n, get_gradient_edge(gi))
                     for n, gi in zip(self._leaves, grads, strict=True)
                     if gi is not None and gi.requires_grad
                 ]
+                del grads
         self.outputs = z.detach()
 
     # ---------------------------------------------------------------------------------------
@@ -172,7 +176,7 @@ class Linearization:
             return torch.zeros_like(self.outputs)
         with torch.enable_grad():
             (u,) = torch.autograd.grad(
-                [gi for _, gi in self._gw],
+                [edge for _, edge in self._gw],
                 self._w,
                 [tangents[n] for n, _ in self._gw],
                 retain_graph=True,
