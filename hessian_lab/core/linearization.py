@@ -13,8 +13,9 @@ backward instead of a fresh forward each time (DESIGN.md §5). Two ways to get u
   gradients; the trace costs about 4 gradients on the CNN of ``analyses/benchmark_operators.py``
   in a warm process, more in the process's first).
 
-Convolutions and LayerNorm: PyTorch's own double backward of these also forms derivatives a JVP
-does not need (3.3 gradients per JVP on that CNN); the forward behind ``"double_backward"``
+Convolutions, LayerNorm and eval-mode BatchNorm: PyTorch's own double backward of these forms
+what a JVP does not need (3.3 gradients per JVP on that CNN); the forward behind
+``"double_backward"``
 therefore runs under :func:`~hessian_lab.core.backward_for_jvp.backward_for_jvp`, whose backward
 differentiates to exactly the operations' tangents.
 
