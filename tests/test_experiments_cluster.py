@@ -91,7 +91,9 @@ def test_slurm_needs_a_time_limit(tmp_path):
     from hessian_lab.experiments.cluster import run_with_submitit
 
     with pytest.raises(ValueError, match="timeout_min"):
-        run_with_submitit("slurm", tmp_path, {}, [], lambda i, o: None, workers=1, job_name="x")
+        run_with_submitit(
+            "slurm", tmp_path, {}, [], lambda i, o: None, lambda c, t: {}, workers=1, job_name="x"
+        )
 
 
 def test_missing_submitit_names_the_extra(tmp_path, monkeypatch, capsys):

@@ -3,12 +3,13 @@
 Two executors: SLURM jobs (``slurm``) or submitit's local processes (``submitit-local``, the same
 code path on one machine, which is how CI tests it).
 
-One job trains one run (:func:`hessian_lab.experiments.sweep.run_one`: resume if possible,
-errors reported, never raised). The jobs' pickles and logs go to ``<sweep out_dir>/submitit/``.
-A job that reaches its time limit or is preempted is requeued by submitit (the task is
-checkpointable) and its run resumes from the last epoch checkpoint; a job that dies anyway is
-reported as failed, and rerunning the sweep resumes it. A run folder is locked while a job trains
-in it, so a rerun while old jobs still run never trains one run twice at the same time.
+One job trains one run with the function the sweep passes in (the sweep's ``run_one``: resume
+if possible, errors reported, never raised), so this module does not import the sweep. The jobs'
+pickles and logs go to ``<sweep out_dir>/submitit/``. A job that reaches its time limit or is
+preempted is requeued by submitit (the task is checkpointable) and its run resumes from the last
+epoch checkpoint; a job that dies anyway is reported as failed, and rerunning the sweep resumes
+it. A run folder is locked while a job trains in it, so a rerun while old jobs still run never
+trains one run twice at the same time.
 
 ``submitit`` is imported only here, and only when such an executor is used:
 ``pip install 'hessian-lab[cluster]'``.
@@ -38,19 +39,27 @@ def _submitit() -> Any:
     return submitit
 
 
+RunFn = Callable[[dict[str, Any], int], dict[str, Any]]
+
+
 class RunTask:
     """What one job runs: train one run (resuming), return its outcome row.
 
     Checkpointable in submitit's sense (it has ``checkpoint``): on a timeout or preemption
     submitit calls it and requeues the same task; the run then resumes from its last epoch
     checkpoint.
+
+    Args:
+        run: ``run(config_dict, threads) -> outcome``, a module-level function (submitit
+            pickles it by reference).
     """
+
+    def __init__(self, run: RunFn) -> None:
+        self.run = run
 
     def __call__(self, config_dict: dict[str, Any], threads: int) -> dict[str, Any]:
         """Train the run described by ``config_dict`` with ``threads`` torch threads."""
-        from hessian_lab.experiments.sweep import run_one
-
-        return run_one(config_dict, threads)
+        return self.run(config_dict, threads)
 
     def checkpoint(self, config_dict: dict[str, Any], threads: int) -> Any:
         """Requeue the same run (its own checkpoints hold the progress)."""
@@ -63,6 +72,7 @@ def run_with_submitit(
     parameters: dict[str, Any],
     tasks: Sequence[tuple[int, dict[str, Any]]],
     finish: Callable[[int, dict[str, Any]], None],
+    run: RunFn,
     *,
     workers: int,
     job_name: str,
@@ -79,6 +89,8 @@ def run_with_submitit(
         tasks: ``(index, config dict)`` of the runs to train.
         finish: Called in this process with the run's outcome (a failed job gives
             ``status = "failed"`` and the job's log file in the error).
+        run: What a job calls, ``run(config_dict, threads) -> outcome`` (the sweep's
+            ``run_one``).
         workers: ``submitit-local``: jobs running at once; ``slurm``: the job array's
             parallelism unless ``slurm_array_parallelism`` is given.
         job_name: The jobs' name.
@@ -109,7 +121,7 @@ def run_with_submitit(
         threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     executor = submitit.AutoExecutor(folder=str(folder), cluster=SUBMITIT_EXECUTORS[kind])
     executor.update_parameters(name=job_name, **params)
-    task = RunTask()
+    task = RunTask(run)
     poll = poll_s if poll_s is not None else (15.0 if kind == "slurm" else 1.0)
     window = len(tasks) if kind == "slurm" else max(1, workers)
 

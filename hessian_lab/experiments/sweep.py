@@ -457,6 +457,7 @@ def run_sweep(
             {**spec.slurm, **(slurm or {})},
             [(i, configs[i].to_dict()) for i in pending],
             finish,
+            run_one,
             workers=max(1, n_workers),
             job_name=f"hessian-lab-{spec.name}",
         )
