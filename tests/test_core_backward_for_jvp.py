@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from operator_helpers import DEVICES
 from torch import nn
 
 from hessian_lab.core import backward_for_jvp
@@ -124,9 +125,11 @@ def _double_backward_jvp(model: nn.Module, x: torch.Tensor, v: list[torch.Tensor
     return u
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
-def test_jvp_by_double_backward_matches_the_dense_jacobian(case):
+def test_jvp_by_double_backward_matches_the_dense_jacobian(case, device):
     model, x = _network(case)
+    model, x = model.to(device), x.to(device)
     with backward_for_jvp():  # the operation is rerouted (else this test would check PyTorch's)
         assert _rerouted_node(case) in _graph_nodes(model(x))
     J = _dense_jacobian(model, x)
@@ -136,9 +139,11 @@ def test_jvp_by_double_backward_matches_the_dense_jacobian(case):
     torch.testing.assert_close(u.reshape(-1), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
-def test_gradient_is_pytorchs_own(case):
+def test_gradient_is_pytorchs_own(case, device):
     model, x = _network(case)
+    model, x = model.to(device), x.to(device)
     w = torch.randn_like(model(x))
     reference = torch.autograd.grad(model(x), list(model.parameters()), w)
     with backward_for_jvp():
