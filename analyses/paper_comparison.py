@@ -65,8 +65,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from hessian_lab.core import progress_bar  # noqa: E402
+from hessian_lab.experiments.adler_options import parse_option_value  # noqa: E402
 from hessian_lab.experiments.config import TrainConfig  # noqa: E402
-from hessian_lab.experiments.optimizers import parse_option_value  # noqa: E402
 from hessian_lab.experiments.protocol import (  # noqa: E402
     SGD_LEARNING_RATES,
     best_sgd_runs,

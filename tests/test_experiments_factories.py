@@ -234,7 +234,7 @@ def test_adler_options_are_normalized():
 
 
 def test_adler_options_are_adlers_arguments():
-    from hessian_lab.experiments.optimizers import ADLER_OPTIONS
+    from hessian_lab.experiments.adler_options import ADLER_OPTIONS
     from hessian_lab.optim.adler import ADLER
 
     parameters = inspect.signature(ADLER).parameters

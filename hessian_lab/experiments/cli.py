@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hessian_lab.experiments.adler_options import parse_option_value
 from hessian_lab.experiments.config import TrainConfig
 from hessian_lab.experiments.models import model_option_specs
-from hessian_lab.experiments.optimizers import parse_option_value
 
 __all__ = ["build_parser", "config_from_args", "main", "version_text"]
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hessian_lab.experiments.adler_options import check_adler_options
 from hessian_lab.experiments.datasets import CIFAR_LAYOUT, DATASET_NAMES
 from hessian_lab.experiments.factories import (
     dataset_factory_kwargs,
@@ -264,8 +265,6 @@ class TrainConfig:
             ``activation``/``width``/``depth``, numbers as floats where floats are meant,
             ``adler_options`` checked, and ``name``/``out_dir`` derived when empty.
         """
-        from hessian_lab.experiments.optimizers import check_adler_options
-
         _choice("optimizer", self.optimizer, OPTIMIZER_NAMES)
         if not is_factory_reference(self.model):
             _choice("model", self.model, MODEL_NAMES, factory=True)
