@@ -1,7 +1,6 @@
 """ADLER (Algorithm 1): averaging recursions, update rule, skips, checkpoints, options, training."""
 
 import copy
-import io
 import math
 
 import pytest
@@ -122,43 +121,7 @@ def test_negative_hessian_curvature_skips_with_explanation():
         opt.step(x, y)
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        {},
-        {"curvature": "ef", "max_lr": 0.05, "trust_region": 0.1},
-        {"curvature": "hessian", "curvature_fraction": 0.5},
-        {"curvature": "ggn", "beta_schedule": "fn", "curvature_fraction": 0.25},
-    ],
-)
-def test_state_dict_round_trip_is_bit_identical(options):
-    options = dict(options)
-    if options.get("beta_schedule") == "fn":
-        options["beta_schedule"] = lambda k: min(0.99, 0.5 + 0.1 * k)
-    loss_fn = nn.CrossEntropyLoss()
-    batches = mlp_batches(6, dtype=torch.float32)
-    model = mlp(torch.float32)
-    opt = ADLER(model, loss_fn, **options)
-    for x, y in batches[:3]:
-        opt.step(x, y)
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    uninterrupted = [opt.step(x, y) for x, y in batches[3:]]
-
-    buffer.seek(0)
-    ckpt = torch.load(buffer)
-    resumed_model = mlp(torch.float32, seed=7)
-    resumed_model.load_state_dict(ckpt["model"])
-    # Built with the defaults: the options come back from the checkpoint.
-    resumed = ADLER(resumed_model, loss_fn, beta_schedule=options.get("beta_schedule"))
-    resumed.load_state_dict(ckpt["opt"])
-    assert resumed.num_steps == 3
-    assert resumed.param_groups[0]["curvature"] == options.get("curvature", "ggn")
-    for (x, y), rec in zip(batches[3:], uninterrupted, strict=True):
-        rec2 = resumed.step(x, y)
-        assert torch.equal(rec2.eta_hat, rec.eta_hat)
-    for p, q in zip(model.parameters(), resumed_model.parameters(), strict=True):
-        assert torch.equal(p, q)
+# The state-dict round trip (resume bit for bit) is tested in test_optim_state_dict.py.
 
 
 def test_load_state_dict_needs_the_same_beta_schedule():
