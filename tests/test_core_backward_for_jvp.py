@@ -205,6 +205,16 @@ def test_only_integer_padding_is_rerouted():
     assert seen == [[1, 1]]
 
 
+def test_autocast_keeps_pytorchs_path():
+    """Under autocast the casts belong to PyTorch's path: nothing is rerouted, nothing breaks."""
+    model, x = _network("conv2d_stride_dilation")
+    model, x = model.float(), x.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16), backward_for_jvp():
+        z = model(x)
+    assert not {"_ConvolutionBackward"} & _graph_nodes(z)
+    torch.autograd.grad(z.float().sum(), list(model.parameters()), create_graph=True)
+
+
 def test_no_graph_no_reroute():
     """Under no_grad the convolution is PyTorch's own, with no autograd Function in between."""
     conv = nn.Conv2d(2, 2, 3)

@@ -28,7 +28,8 @@ Inside :func:`backward_for_jvp`, ``F.conv1d``/``conv2d``/``conv3d`` with integer
 differentiable **with respect to the output gradient only**, by the tangents above. That is
 exactly what a JVP by double backward differentiates; a Hessian, which also needs the derivatives
 with respect to x and the parameters, must not be built under this mode (its missing terms would
-be zeros). Only the library uses it, around the forward whose graph serves JVPs.
+be zeros). Only the library uses it, around the forward whose graph serves JVPs. Under autocast
+nothing is rerouted (the casts are PyTorch's own path's).
 """
 
 from __future__ import annotations
@@ -384,6 +385,11 @@ def _batch_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor |
     return _BatchNormEval.apply(x, mean, var, call["weight"], call["bias"], float(call["eps"]))
 
 
+def _autocast_enabled() -> bool:
+    """Whether autocast is on for the CPU or CUDA."""
+    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+
+
 def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
     bound = dict(_DEFAULTS)
     if len(args) > len(_SIGNATURE):
@@ -401,7 +407,8 @@ class _BackwardForJVP(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple = (), kwargs: Any = None
     ) -> Any:
         kwargs = kwargs or {}
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or _autocast_enabled():
+            # Nothing to differentiate, or autocast, whose casts live in PyTorch's own path.
             return func(*args, **kwargs)
         if func is F.layer_norm or func is F.batch_norm:
             rerouted = _layer_norm if func is F.layer_norm else _batch_norm
