@@ -81,7 +81,7 @@ class _Geometry:
     def conv(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        """Y = x ⋆ W + b with this geometry."""
+        """The convolution y = x ⋆ W + b with this geometry."""
         return self.func(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def backward(
