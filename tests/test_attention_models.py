@@ -16,6 +16,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from operator_helpers import OPERATORS, make_operator
 from reference_models import (
     DecoderNet,
     EncoderLayerNet,
@@ -35,22 +36,12 @@ from reference_models import (
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hessian_lab import ADLER, EmpiricalFisherOperator, GGNOperator, HessianOperator
+from hessian_lab import ADLER
 
 TOL = 1e-10
-OPERATORS = ("hessian", "ggn", "fisher", "fisher_batch")
 CURVATURES = ("ggn", "ef", "ef_batch", "hessian")
 BATCH, SEQ, D_IN = 5, 5, 3
 SPLIT = (2, 3)  # two batches of unequal size
-
-
-def make_operator(name, model, loss_fn, data, **kwargs):
-    if name == "hessian":
-        return HessianOperator(model, loss_fn, data, **kwargs)
-    if name == "ggn":
-        return GGNOperator(model, loss_fn, data, **kwargs)
-    mode = "batch" if name == "fisher_batch" else "per_sample"
-    return EmpiricalFisherOperator(model, loss_fn, data, mode=mode, **kwargs)
 
 
 @functools.cache

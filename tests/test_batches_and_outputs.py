@@ -16,6 +16,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from operator_helpers import OPERATORS, make_operator
 from reference_models import (
     FlatModel,
     assert_reference_valid,
@@ -28,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import hessian_lab
-from hessian_lab import ADLER, EmpiricalFisherOperator, GGNOperator, HessianOperator
+from hessian_lab import ADLER, GGNOperator
 from hessian_lab.optim import StepSizeEstimator
 from hessian_lab.optim.step_size import step_size
 
@@ -36,16 +37,6 @@ TOL = 1e-10
 N, DA, DB, C = 8, 4, 3, 3
 SPLIT = (3, 5)
 LOADER_BATCH = 3  # batches of 3, 3, 2
-OPERATORS = ("hessian", "ggn", "fisher", "fisher_batch")
-
-
-def make_operator(name, model, loss_fn, data, **kwargs):
-    if name == "hessian":
-        return HessianOperator(model, loss_fn, data, **kwargs)
-    if name == "ggn":
-        return GGNOperator(model, loss_fn, data, **kwargs)
-    mode = "batch" if name == "fisher_batch" else "per_sample"
-    return EmpiricalFisherOperator(model, loss_fn, data, mode=mode, **kwargs)
 
 
 class Prediction:

@@ -14,6 +14,7 @@ import functools
 
 import pytest
 import torch
+from operator_helpers import OPERATORS, make_operator
 from reference_models import (
     FlatModel,
     assert_reference_valid,
@@ -25,20 +26,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import hessian_lab
-from hessian_lab import EmpiricalFisherOperator, GGNOperator, HessianOperator
+from hessian_lab import GGNOperator, HessianOperator
 
 TOL = 1e-10
 N, D, C = 12, 4, 3
-OPERATORS = ("hessian", "ggn", "fisher", "fisher_batch")
-
-
-def make_operator(name, model, loss_fn, data, **kwargs):
-    if name == "hessian":
-        return HessianOperator(model, loss_fn, data, **kwargs)
-    if name == "ggn":
-        return GGNOperator(model, loss_fn, data, **kwargs)
-    mode = "batch" if name == "fisher_batch" else "per_sample"
-    return EmpiricalFisherOperator(model, loss_fn, data, mode=mode, **kwargs)
 
 
 def model():

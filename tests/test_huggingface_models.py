@@ -21,6 +21,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from operator_helpers import OPERATORS, make_operator
 from reference_models import (
     FlatModel,
     assert_reference_valid,
@@ -34,13 +35,12 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hessian_lab
-from hessian_lab import ADLER, EmpiricalFisherOperator, GGNOperator, HessianOperator
+from hessian_lab import ADLER, GGNOperator
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 TOL = 1e-10
-OPERATORS = ("hessian", "ggn", "fisher", "fisher_batch")
 CURVATURES = ("ggn", "ef", "ef_batch", "hessian")
 VOCAB, SEQ, LABELS = 20, 6, 3
 GPT2_BATCH, GPT2_SPLIT = 4, (1, 3)
@@ -63,15 +63,6 @@ def shifted_cross_entropy(logits, labels):
 def without_labels(batch):
     """The batch_fn of a Hugging Face dict batch: everything but "labels" is the model's input."""
     return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
-
-
-def make_operator(name, model, loss_fn, data, **kwargs):
-    if name == "hessian":
-        return HessianOperator(model, loss_fn, data, **kwargs)
-    if name == "ggn":
-        return GGNOperator(model, loss_fn, data, **kwargs)
-    mode = "batch" if name == "fisher_batch" else "per_sample"
-    return EmpiricalFisherOperator(model, loss_fn, data, mode=mode, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------

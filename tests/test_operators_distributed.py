@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from operator_helpers import OPERATORS
 from optim_helpers import spawn_ranks
 from torch import nn
 
@@ -22,7 +23,6 @@ from hessian_lab import EmpiricalFisherOperator, GGNOperator, HessianOperator
 
 SHARDS = {2: (7, 11), 3: (5, 9, 4)}  # examples per rank
 TOL = 1e-12
-OPERATORS = ("hessian", "ggn", "fisher", "fisher_batch")
 LOSSES = ("ce_mean", "mse_sum")
 
 

@@ -17,6 +17,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from operator_helpers import OPERATORS, make_operator
 from reference_models import (
     FlatModel,
     assert_reference_valid,
@@ -26,7 +27,7 @@ from reference_models import (
 )
 from torch import nn
 
-from hessian_lab import ADLER, EmpiricalFisherOperator, GGNOperator, HessianOperator
+from hessian_lab import ADLER, EmpiricalFisherOperator, GGNOperator
 from hessian_lab.optim import StepSizeEstimator
 from hessian_lab.optim.step_size import step_size
 
@@ -34,20 +35,10 @@ TOL = 1e-10  # against the reference
 SAME = 1e-12  # between two forms of the same loss
 N, D, C = 7, 4, 3
 SPLIT = (3, 4)
-OPERATORS = ("hessian", "ggn", "fisher", "fisher_batch")
 CURVATURES = ("ggn", "ef", "ef_batch", "hessian")
 KINDS = ("ce", "mse")
 REDUCTIONS = ("mean", "sum")
 FORMS = ("nn", "callable", "object")
-
-
-def make_operator(name, model, loss_fn, data, **kwargs):
-    if name == "hessian":
-        return HessianOperator(model, loss_fn, data, **kwargs)
-    if name == "ggn":
-        return GGNOperator(model, loss_fn, data, **kwargs)
-    mode = "batch" if name == "fisher_batch" else "per_sample"
-    return EmpiricalFisherOperator(model, loss_fn, data, mode=mode, **kwargs)
 
 
 def _functional(kind, reduction):
