@@ -377,12 +377,6 @@ def assert_reference_valid(ref: DenseReference, tol: float = FD_TOL) -> dict:
 # Comparisons and errors.
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖ in float64 on the CPU."""
-    a, b = a.detach().cpu().double(), b.detach().cpu().double()
-    return float((a - b).norm() / b.norm())
-
-
 def random_vectors(p: int, k: int, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(p, k, generator=gen, dtype=torch.float64)

@@ -16,7 +16,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from operator_helpers import OPERATORS, make_operator
+from operator_helpers import OPERATORS, make_operator, rel_err
 from reference_models import (
     DecoderNet,
     EncoderLayerNet,
@@ -31,7 +31,6 @@ from reference_models import (
     eval64,
     raises,
     random_vectors,
-    rel_err,
 )
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel

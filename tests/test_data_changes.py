@@ -14,13 +14,12 @@ import functools
 
 import pytest
 import torch
-from operator_helpers import OPERATORS, make_operator
+from operator_helpers import OPERATORS, make_operator, rel_err
 from reference_models import (
     FlatModel,
     assert_reference_valid,
     build_reference,
     raises,
-    rel_err,
 )
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset

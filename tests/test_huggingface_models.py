@@ -21,7 +21,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from operator_helpers import OPERATORS, make_operator
+from operator_helpers import OPERATORS, make_operator, rel_err
 from reference_models import (
     FlatModel,
     assert_reference_valid,
@@ -29,7 +29,6 @@ from reference_models import (
     build_reference,
     perturb_,
     random_vectors,
-    rel_err,
 )
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel

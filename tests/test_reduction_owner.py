@@ -17,13 +17,12 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from operator_helpers import OPERATORS, make_operator
+from operator_helpers import OPERATORS, make_operator, rel_err
 from reference_models import (
     FlatModel,
     assert_reference_valid,
     build_reference,
     raises,
-    rel_err,
 )
 from torch import nn
 
