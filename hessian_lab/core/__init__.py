@@ -3,6 +3,7 @@
 from hessian_lab.core.attention import differentiable_attention
 from hessian_lab.core.backward_for_jvp import backward_for_jvp
 from hessian_lab.core.batches import Batch, BatchFn, BatchSource, batch_examples, is_batch
+from hessian_lab.core.forward_jvp import forward_jvp
 from hessian_lab.core.functional_model import functional_model
 from hessian_lab.core.linearization import JVP_METHODS, Linearization, auto_jvp_method
 from hessian_lab.core.model_call import (
@@ -42,6 +43,7 @@ __all__ = [
     "backward_for_jvp",
     "differentiable_attention",
     "forward",
+    "forward_jvp",
     "functional_model",
     "input_tensors",
     "is_batch",

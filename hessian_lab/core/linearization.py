@@ -8,10 +8,10 @@ backward instead of a fresh forward each time (DESIGN.md §5). Two ways to get u
   more backward through it. No primal recomputation and no tracing, so the first product costs
   what the later ones do; reverse-over-reverse, exact through LayerNorm (DESIGN.md §6). Measured
   (one thread, MLP 784-256-256-10, batch 512): 0.5 gradients per JVP, the same as a traced one.
-* ``"forward"``: forward-mode ``torch.func.jvp``, which recomputes the primal (about 1.2–1.3
-  gradients), traced once with ``torch.func.linearize`` from the second JVP on (then about 0.3–0.5
-  gradients; the trace costs about 4 gradients on the CNN of ``analyses/benchmark_operators.py``
-  in a warm process, more in the process's first).
+* ``"forward"``: forward-mode AD (:func:`~hessian_lab.core.forward_jvp.forward_jvp`), which
+  recomputes the primal (about 1.2–1.3 gradients), traced once with ``torch.func.linearize`` from
+  the second JVP on (then about 0.3–0.5 gradients; the trace costs about 4 gradients on the CNN
+  of ``analyses/benchmark_operators.py`` in a warm process, more in the process's first).
 
 Convolutions, LayerNorm and eval-mode BatchNorm: PyTorch's own double backward of these forms
 what a JVP does not need (3.3 gradients per JVP on that CNN); the forward behind
@@ -34,6 +34,7 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from hessian_lab.core.backward_for_jvp import backward_for_jvp
+from hessian_lab.core.forward_jvp import forward_jvp
 
 JVP_METHODS = ("auto", "forward", "double_backward")
 _CONVOLUTION_MODULES = (
@@ -73,7 +74,8 @@ class Linearization:
         inputs: The batch's inputs x (a tensor, a tuple of tensors or a dict of tensors).
         linearize: With ``method="forward"``, trace the JVP with ``torch.func.linearize`` from
             the second JVP on, so that later JVPs skip the primal computation (an operator used
-            once never pays for the trace). ``False`` always uses ``torch.func.jvp``.
+            once never pays for the trace). ``False`` always recomputes the primal
+            (:func:`~hessian_lab.core.forward_jvp.forward_jvp`).
         method: ``"double_backward"`` or ``"forward"`` (module docstring). Where double backward
             is not available for an operation, the JVPs fall back to forward mode.
         trace_limit_bytes: Trace only when the activations the forward keeps for its backward
@@ -169,7 +171,7 @@ class Linearization:
         jvp_fn = self._linearized()
         if jvp_fn is not None:
             return jvp_fn(dict(tangents))
-        return torch.func.jvp(self._g, (self._params,), (dict(tangents),))[1]
+        return forward_jvp(self._g, self._params, tangents)[1]
 
     def _double_backward_jvp(self, tangents: Mapping[str, torch.Tensor]) -> torch.Tensor:
         assert self._w is not None

@@ -142,7 +142,7 @@ class ADLER(torch.optim.Optimizer):
             (``None``: never). On CPU the check is immediate; on CUDA it reads a flag copied
             asynchronously, so it may raise a few steps late but never synchronizes the step.
         allow_train_mode: Accept BatchNorm/Dropout in train mode.
-        jvp_method: ``"auto"`` (default), ``"forward"`` (``torch.func.jvp``) or
+        jvp_method: ``"auto"`` (default), ``"forward"`` (forward-mode AD) or
             ``"double_backward"`` (reuse the gradient pass's forward); see
             :class:`~hessian_lab.optim.step_size.StepSizeEstimator`. Same u = J G up to
             rounding; only the cost differs. After the user's own backward, forward mode is used

@@ -13,8 +13,9 @@ With d = G this is the paper's per-batch rate η_k = GᵀG / (GᵀQG + ε GᵀG)
 Curvatures C and their cost on top of one forward + backward for G (DESIGN.md §2):
 
 * ``"ggn"``: the paper's Q, the generalized Gauss–Newton matrix. dᵀQd = uᵀΛu with u = J d:
-  **one forward-mode JVP** (``torch.func.jvp``; it recomputes the primal alongside the tangent,
-  about 1–2 forward passes) and an output-space product. No extra backward.
+  **one JVP** (by default a backward through G's kept graph; in forward mode,
+  :func:`~hessian_lab.core.forward_jvp.forward_jvp`, it recomputes the primal alongside the
+  tangent, about 1–2 forward passes) and an output-space product.
 * ``"ef"``: the paper's GN read per example (empirical Fisher):
   dᵀGNd = (1/N) Σ_n (∇ℓ_n · u_n)², same u = J d: **one JVP**, no extra backward.
 * ``"ef_batch"``: GN read on the whole batch, GN = G Gᵀ: dᵀGNd = (Gᵀd)², **free**.
@@ -51,6 +52,7 @@ from hessian_lab.core import (
     batch_examples,
     check_model_mode,
     forward,
+    forward_jvp,
     functional_model,
     move_inputs,
     params_to_vector,
@@ -157,7 +159,8 @@ class StepSizeEstimator:
         curvature_fraction: f ∈ (0, 1] to estimate dᵀCd on a sub-batch; ``None`` for the batch.
         allow_train_mode: Accept BatchNorm/Dropout in train mode (see ``check_model_mode``).
         jvp_method: How u = J d is computed for ``"ggn"``/``"ef"``. ``"forward"``: forward-mode
-            ``torch.func.jvp`` (recomputes the primal; about 3 forward-matmul units per layer).
+            :func:`~hessian_lab.core.forward_jvp.forward_jvp` (recomputes the primal; about 3
+            forward-matmul units per layer, 2 for the first).
             ``"double_backward"``: the gradient pass keeps G's graph as a function of ∂L/∂z and
             u = ∂(Gᵀd)/∂(∂L/∂z) is one more backward through it (about 2 units per layer, no
             primal recomputation, but the backward graph is kept: more memory; with
@@ -378,7 +381,7 @@ class StepSizeEstimator:
         def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
             return self._f(p, inputs)
 
-        z, u = torch.func.jvp(f, (primals,), (d,))
+        z, u = forward_jvp(f, primals, d)
         curv = self._output_curvature(z, targets)
         state = curv.state(z, targets)
         return state.loss, curv.quadratic_form(state, u) * scale
@@ -394,7 +397,7 @@ class StepSizeEstimator:
                 return self._f(p, inputs)
 
             # u = J d by forward mode; no backward is needed for a quadratic form.
-            _, u = torch.func.jvp(f, (primals,), (d,))
+            _, u = forward_jvp(f, primals, d)
         state, curv = gp.output_state, gp.output_curvature
         assert state is not None and curv is not None
         # uᵀ M u with M = Λ ("ggn") or GN's ∇ℓ∇ℓᵀ ("ef"): the operators' own output matrices.
