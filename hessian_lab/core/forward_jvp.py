@@ -6,14 +6,14 @@ treat an input without a tangent as a zero tangent and multiply it (torch 2.13):
 first layer, whose input is the data x, computes ẏ = ẋ W + x Ẇ + ḃ with ẋ = 0, one matrix
 product or convolution of that layer's size for nothing. Measured (one thread, CPU) on the MLP
 3072-512-512-10 of ``analyses/benchmark_optimizer.py``, where the first layer holds 84% of the
-parameters: ``torch.func.jvp`` 17.4 ms for 128 examples, 12.6 ms with this module.
+parameters: ``torch.func.jvp`` 17.4 ms for 128 examples, 12.6 ms with this module (medians).
 
 Inside :func:`forward_jvp`, ``F.linear``, ``F.conv1d/2d/3d`` and ``F.conv_transpose1d/2d/3d``
 whose input has no tangent but whose weight has one run twice, y = op(x, W, b) and
 ẏ = op(x, Ẇ, ḃ), which is exactly their tangent (they are linear in (W, b)); every other call
 is PyTorch's own. ``torch.autograd.forward_ad`` is used directly rather than ``torch.func.jvp``:
-it measured 2-14% faster on the benchmark's MLP, CNN and ViT and lets the reroute see which
-tensors carry a tangent.
+it measured 1-15% faster on the benchmark's MLP, CNN and ViT (without the reroute) and lets
+the reroute see which tensors carry a tangent.
 """
 
 from __future__ import annotations
