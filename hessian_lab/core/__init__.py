@@ -3,6 +3,7 @@
 from hessian_lab.core.attention import differentiable_attention
 from hessian_lab.core.backward_for_jvp import backward_for_jvp
 from hessian_lab.core.batches import Batch, BatchFn, BatchSource, batch_examples, is_batch
+from hessian_lab.core.conv_double_backward import conv_double_backward
 from hessian_lab.core.forward_jvp import forward_jvp
 from hessian_lab.core.functional_model import functional_model
 from hessian_lab.core.linearization import JVP_METHODS, Linearization, auto_jvp_method
@@ -40,6 +41,7 @@ __all__ = [
     "batch_examples",
     "call_arguments",
     "check_model_mode",
+    "conv_double_backward",
     "backward_for_jvp",
     "differentiable_attention",
     "forward",

@@ -42,9 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-_CONVOLUTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-_SIGNATURE = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+from hessian_lab.core.convolution_call import (
+    ConvolutionGeometry,
+    autocast_enabled,
+    bind_convolution,
+)
 
 
 def _wanted(
@@ -64,51 +66,6 @@ def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 
-def _as_list(value: int | Sequence[int], dims: int) -> list[int]:
-    return [int(value)] * dims if isinstance(value, int) else [int(v) for v in value]
-
-
-class _Geometry:
-    """Stride, padding, dilation and groups of one convolution, in ``aten`` form."""
-
-    def __init__(self, func: Any, dims: int, stride: Any, padding: Any, dilation: Any, groups: int):
-        self.func, self.dims = func, dims
-        self.stride = _as_list(stride, dims)
-        self.padding = _as_list(padding, dims)
-        self.dilation = _as_list(dilation, dims)
-        self.groups = int(groups)
-
-    def conv(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The convolution y = x ⋆ W + b with this geometry."""
-        return self.func(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-
-    def backward(
-        self,
-        grad_out: torch.Tensor,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        has_bias: bool,
-        mask: list[bool],
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """(∂/∂x, ∂/∂W, ∂/∂b) of ⟨grad_out, y⟩ where ``mask`` asks for them (aten's kernels)."""
-        bias_sizes = [weight.shape[0]] if has_bias else None
-        return torch.ops.aten.convolution_backward(
-            grad_out,
-            x,
-            weight,
-            bias_sizes,
-            self.stride,
-            self.padding,
-            self.dilation,
-            False,
-            [0] * self.dims,
-            self.groups,
-            mask,
-        )
-
-
 class _ConvolutionBackward(torch.autograd.Function):
     """(x̄, W̄, b̄) = the convolution's backward at fixed x, W, as a linear function of ȳ.
 
@@ -121,7 +78,7 @@ class _ConvolutionBackward(torch.autograd.Function):
         grad_out: torch.Tensor,
         x: torch.Tensor,
         weight: torch.Tensor,
-        geometry: _Geometry,
+        geometry: ConvolutionGeometry,
         mask: tuple[bool, bool, bool],
     ) -> tuple[torch.Tensor, ...]:
         ctx.save_for_backward(x, weight)
@@ -131,7 +88,7 @@ class _ConvolutionBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *tangents: torch.Tensor | None) -> tuple[Any, ...]:
         x, weight = ctx.saved_tensors
-        geometry: _Geometry = ctx.geometry
+        geometry: ConvolutionGeometry = ctx.geometry
         dx, dw, db = _unmask(tangents, ctx.mask)
         out = None
         if dw is not None or db is not None:
@@ -156,7 +113,7 @@ class _Convolution(torch.autograd.Function):
         x: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
-        geometry: _Geometry,
+        geometry: ConvolutionGeometry,
     ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.geometry, ctx.has_bias = geometry, bias is not None
@@ -165,7 +122,7 @@ class _Convolution(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
         x, weight = ctx.saved_tensors
-        geometry: _Geometry = ctx.geometry
+        geometry: ConvolutionGeometry = ctx.geometry
         needs = ctx.needs_input_grad
         mask = (needs[0], needs[1], ctx.has_bias and needs[2])
         if not any(mask):
@@ -385,50 +342,21 @@ def _batch_norm(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor |
     return _BatchNormEval.apply(x, mean, var, call["weight"], call["bias"], float(call["eps"]))
 
 
-def _autocast_enabled() -> bool:
-    """Whether autocast is on for the CPU or CUDA."""
-    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
-
-
-def _bind(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
-    bound = dict(_DEFAULTS)
-    if len(args) > len(_SIGNATURE):
-        return None
-    bound.update(zip(_SIGNATURE, args, strict=False))
-    for key, value in kwargs.items():
-        if key not in _SIGNATURE:
-            return None
-        bound[key] = value
-    return bound
-
-
 class _BackwardForJVP(TorchFunctionMode):
     def __torch_function__(
         self, func: Any, types: Any, args: tuple = (), kwargs: Any = None
     ) -> Any:
         kwargs = kwargs or {}
-        if not torch.is_grad_enabled() or _autocast_enabled():
+        if not torch.is_grad_enabled() or autocast_enabled():
             # Nothing to differentiate, or autocast, whose casts live in PyTorch's own path.
             return func(*args, **kwargs)
         if func is F.layer_norm or func is F.batch_norm:
             rerouted = _layer_norm if func is F.layer_norm else _batch_norm
             out = rerouted(args, kwargs)
             return func(*args, **kwargs) if out is None else out
-        dims = _CONVOLUTIONS.get(func)
-        if dims is not None:
-            call = _bind(args, kwargs)
-            # String padding ("same", "valid") and unusual arguments keep PyTorch's own path.
-            if (
-                call is not None
-                and not isinstance(call["padding"], str)
-                and isinstance(call["input"], torch.Tensor)
-                and isinstance(call["weight"], torch.Tensor)
-                and call["input"].dim() == dims + 2
-            ):
-                geometry = _Geometry(
-                    func, dims, call["stride"], call["padding"], call["dilation"], call["groups"]
-                )
-                return _Convolution.apply(call["input"], call["weight"], call["bias"], geometry)
+        call = bind_convolution(func, args, kwargs)
+        if call is not None:  # string padding and unusual arguments keep PyTorch's own path
+            return _Convolution.apply(call.input, call.weight, call.bias, call.geometry)
         return func(*args, **kwargs)
 
 

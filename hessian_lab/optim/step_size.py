@@ -51,6 +51,7 @@ from hessian_lab.core import (
     backward_for_jvp,
     batch_examples,
     check_model_mode,
+    conv_double_backward,
     forward,
     forward_jvp,
     functional_model,
@@ -245,15 +246,13 @@ class StepSizeEstimator:
         inputs, targets = self.to_device(inputs, targets)
         n = batch_examples(targets)
         m = curvature_examples(n, self.curvature_fraction)
-        leaves = list(self.params.values())
         if self.curvature == "hessian" and m == n:
-            with torch.enable_grad():
-                loss = self.loss_reduction(self._forward(inputs), targets)
-                grads = torch.autograd.grad(loss, leaves, create_graph=True)
+            loss, leaves, grads = self._gradient_graph(inputs, targets)
             gradient = {k: g.detach() for k, g in zip(self.param_names, grads, strict=True)}
             return GradientPass(
                 loss.detach(), gradient, n, m, inputs, targets, hessian_graph=(leaves, grads)
             )
+        leaves = list(self.params.values())
         # "double_backward": keep G's graph as a function of ∂L/∂z (sub-batch rows only) so that
         # u = J d = ∂(Gᵀd)/∂(∂L/∂z) reuses this forward instead of recomputing it.
         keep = self._jvp_method() == "double_backward" and self.curvature in ("ggn", "ef")
@@ -301,6 +300,20 @@ class StepSizeEstimator:
         return GradientPass(
             state.loss, gradient, n, m, inputs, targets, curv, state, None, jvp_graph
         )
+
+    def _gradient_graph(
+        self, inputs: ModelInputs, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor], tuple[torch.Tensor, ...]]:
+        """(h, θ's leaves, ∇h built with ``create_graph=True``) for a Hessian-vector product.
+
+        Convolutions run with the exact, lean double backward of
+        :func:`~hessian_lab.core.conv_double_backward.conv_double_backward`.
+        """
+        leaves = list(self.params.values())
+        with torch.enable_grad(), conv_double_backward():
+            loss = self.loss_reduction(self._forward(inputs), targets)
+            grads = torch.autograd.grad(loss, leaves, create_graph=True)
+        return loss, leaves, grads
 
     def _jvp_method(self) -> str:
         if self.jvp_method != "auto":
@@ -369,10 +382,7 @@ class StepSizeEstimator:
             inputs, targets = slice_examples(inputs, slice(None, m)), targets[:m]
         scale = self.loss_reduction.sub_batch_scale(n, m)
         if self.curvature == "hessian":
-            leaves = list(self.params.values())
-            with torch.enable_grad():
-                loss = self.loss_reduction(self._forward(inputs), targets)
-                grads = torch.autograd.grad(loss, leaves, create_graph=True)
+            loss, leaves, grads = self._gradient_graph(inputs, targets)
             tangents = [d[k] for k in self.param_names]
             value = hessian_quadratic(grads, leaves, tangents, retain_graph=False)
             return loss.detach(), value * scale
@@ -420,10 +430,7 @@ class StepSizeEstimator:
     def _hessian_quadratic(self, gp: GradientPass, d: dict[str, torch.Tensor]) -> torch.Tensor:
         if gp.hessian_graph is None:
             # Sub-batch: its own forward + backward with the graph kept, then the product.
-            leaves = list(self.params.values())
-            with torch.enable_grad():
-                loss = self.loss_reduction(self._forward(gp.inputs), gp.targets)
-                grads = torch.autograd.grad(loss, leaves, create_graph=True)
+            _, leaves, grads = self._gradient_graph(gp.inputs, gp.targets)
         else:
             leaves, grads = gp.hessian_graph
             gp.hessian_graph = None  # the graph is freed by the product below
