@@ -14,7 +14,7 @@ from operator_helpers import DEVICES
 from torch import nn
 
 from hessian_lab.core import backward_for_jvp
-from hessian_lab.core.backward_for_jvp import _Convolution
+from hessian_lab.core.convolution_call import RoutedConvolution
 
 CONVOLUTIONS = {
     "conv1d": (lambda: nn.Conv1d(3, 4, 3, padding=1), (5, 3, 9)),
@@ -95,9 +95,9 @@ def _dense_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([b.reshape(b.shape[0], -1) for b in blocks], dim=1)
 
 
-def _graph_nodes(z: torch.Tensor) -> set[str]:
-    """The class names of every autograd node behind z."""
-    seen, stack, names = set(), [z.grad_fn], set()
+def _graph_nodes(*tensors: torch.Tensor) -> set[str]:
+    """The class names of every autograd node behind the tensors."""
+    seen, stack, names = set(), [t.grad_fn for t in tensors], set()
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -111,7 +111,7 @@ def _graph_nodes(z: torch.Tensor) -> set[str]:
 def _rerouted_node(case: str) -> str:
     """The autograd node of the Function the case's operation must run as."""
     if case in CONVOLUTIONS:
-        return "_ConvolutionBackward"
+        return "RoutedConvolutionBackward"
     return "_LayerNormBackward" if case in LAYER_NORMS else "_BatchNormEvalBackward"
 
 
@@ -187,7 +187,7 @@ def test_frozen_weight_and_input_without_grad():
 def test_only_integer_padding_is_rerouted():
     """String padding keeps PyTorch's own convolution (and its exact double backward)."""
     seen = []
-    original = _Convolution.apply
+    original = RoutedConvolution.apply
 
     def spy(*args):
         seen.append(args[3].padding)
@@ -196,12 +196,12 @@ def test_only_integer_padding_is_rerouted():
     conv = nn.Conv2d(2, 2, 3, padding="same").double()
     x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
     try:
-        _Convolution.apply = spy  # type: ignore[method-assign]
+        RoutedConvolution.apply = spy  # type: ignore[method-assign]
         with backward_for_jvp():
             conv(x)
             nn.Conv2d(2, 2, 3, padding=1).double()(x)
     finally:
-        _Convolution.apply = original  # type: ignore[method-assign]
+        RoutedConvolution.apply = original  # type: ignore[method-assign]
     assert seen == [[1, 1]]
 
 
@@ -211,7 +211,7 @@ def test_autocast_keeps_pytorchs_path():
     model, x = model.float(), x.float()
     with torch.autocast("cpu", dtype=torch.bfloat16), backward_for_jvp():
         z = model(x)
-    assert not {"_ConvolutionBackward"} & _graph_nodes(z)
+    assert not {"RoutedConvolutionBackward"} & _graph_nodes(z)
     torch.autograd.grad(z.float().sum(), list(model.parameters()), create_graph=True)
 
 

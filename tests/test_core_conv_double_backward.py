@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from operator_helpers import DEVICES
-from test_core_backward_for_jvp import CONVOLUTIONS
+from test_core_backward_for_jvp import CONVOLUTIONS, _graph_nodes
 from torch import nn
 
 from hessian_lab.core import conv_double_backward
@@ -33,18 +33,6 @@ def _loss(out: torch.Tensor) -> torch.Tensor:
     return (out - 0.3).square().sum() + out.sum().sin()
 
 
-def _graph_nodes(tensors) -> set[str]:
-    seen, stack, names = set(), [t.grad_fn for t in tensors], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return names
-
-
 def _dense_hessian(model: nn.Module, x: torch.Tensor, names: list[str]) -> torch.Tensor:
     fixed = {n: p.detach() for n, p in model.named_parameters() if n not in names}
     shapes = [dict(model.named_parameters())[n].shape for n in names]
@@ -63,7 +51,7 @@ def _check_hvp(model: nn.Module, x: torch.Tensor, names: list[str]) -> None:
     params = [dict(model.named_parameters())[n] for n in names]
     with conv_double_backward():
         grads = torch.autograd.grad(_loss(model(x)), params, create_graph=True)
-    nodes = _graph_nodes(grads)
+    nodes = _graph_nodes(*grads)
     assert "_ConvolutionBackwardBackward" in nodes  # rerouted, else this checks PyTorch's path
     assert "ConvolutionBackwardBackward0" not in nodes
     reference_grads = torch.autograd.grad(_loss(model(x)), params)

@@ -44,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 
 from hessian_lab.core.convolution_call import (
     ConvolutionGeometry,
+    RoutedConvolution,
     autocast_enabled,
     bind_convolution,
 )
@@ -100,40 +101,20 @@ class _ConvolutionBackward(torch.autograd.Function):
         return out, None, None, None, None
 
 
-class _Convolution(torch.autograd.Function):
-    """y = x ⋆ W + b with aten's forward and backward.
+def _jvp_backward_map(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    geometry: ConvolutionGeometry,
+    mask: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """The convolution's backward as :class:`_ConvolutionBackward`, differentiable in ȳ only.
 
-    Under ``create_graph`` the backward is :class:`_ConvolutionBackward`, differentiable with
-    respect to ȳ only.
+    Under create_graph it records the linear map ȳ ↦ (x̄, W̄, b̄), otherwise it is aten's
+    backward; x and W enter as constants.
     """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        geometry: ConvolutionGeometry,
-    ) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.geometry, ctx.has_bias = geometry, bias is not None
-        return geometry.conv(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        x, weight = ctx.saved_tensors
-        geometry: ConvolutionGeometry = ctx.geometry
-        needs = ctx.needs_input_grad
-        mask = (needs[0], needs[1], ctx.has_bias and needs[2])
-        if not any(mask):
-            return None, None, None, None
-        # Under create_graph this records the linear map ȳ ↦ (x̄, W̄, b̄); otherwise it is aten's
-        # backward. x and W enter as constants: the map is differentiable in ȳ only.
-        linear_map = _ConvolutionBackward.apply(
-            grad_out, x.detach(), weight.detach(), geometry, mask
-        )
-        grads = _unmask(linear_map, mask)
-        return grads[0], grads[1], grads[2], None
+    linear_map = _ConvolutionBackward.apply(grad_out, x.detach(), weight.detach(), geometry, mask)
+    return tuple(_unmask(linear_map, mask))
 
 
 class _LayerNormBackward(torch.autograd.Function):
@@ -208,7 +189,7 @@ class _LayerNorm(torch.autograd.Function):
         mask = (needs[0], weight is not None and needs[2], bias is not None and needs[3])
         if not any(mask):
             return None, None, None, None, None
-        # As in _Convolution.backward: the linear map ȳ ↦ (x̄, γ̄, β̄), differentiable in ȳ only.
+        # As in _jvp_backward_map: the linear map ȳ ↦ (x̄, γ̄, β̄), differentiable in ȳ only.
         linear_map = _LayerNormBackward.apply(
             grad_out, x.detach(), ctx.shape, mean, rstd, _detached(weight), _detached(bias), mask
         )
@@ -310,7 +291,7 @@ class _BatchNormEval(torch.autograd.Function):
         mask = (needs[0], weight is not None and needs[3], ctx.has_bias and needs[4])
         if not any(mask):
             return None, None, None, None, None, None
-        # As in _Convolution.backward: the linear map ȳ ↦ (x̄, γ̄, β̄), differentiable in ȳ only.
+        # As in _jvp_backward_map: the linear map ȳ ↦ (x̄, γ̄, β̄), differentiable in ȳ only.
         linear_map = _BatchNormEvalBackward.apply(
             grad_out, x.detach(), mean, var, _detached(weight), ctx.eps, mask
         )
@@ -356,7 +337,9 @@ class _BackwardForJVP(TorchFunctionMode):
             return func(*args, **kwargs) if out is None else out
         call = bind_convolution(func, args, kwargs)
         if call is not None:  # string padding and unusual arguments keep PyTorch's own path
-            return _Convolution.apply(call.input, call.weight, call.bias, call.geometry)
+            return RoutedConvolution.apply(
+                call.input, call.weight, call.bias, call.geometry, _jvp_backward_map
+            )
         return func(*args, **kwargs)
 
 

@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from hessian_lab.core.convolution_call import (
     ConvolutionGeometry,
+    RoutedConvolution,
     autocast_enabled,
     bind_convolution,
 )
@@ -84,32 +85,6 @@ class _ConvolutionBackward(torch.autograd.Function):
         return grad_out_cot, x_in_cot, weight_in_cot, None, None
 
 
-class _Convolution(torch.autograd.Function):
-    """y = x ⋆ W + b with aten's kernels; its backward is :class:`_ConvolutionBackward`."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        geometry: ConvolutionGeometry,
-    ) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.geometry, ctx.has_bias = geometry, bias is not None
-        return geometry.conv(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        x, weight = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        mask = (needs[0], needs[1], ctx.has_bias and needs[2])
-        if not any(mask):
-            return None, None, None, None
-        x_bar, w_bar, b_bar = _ConvolutionBackward.apply(grad_out, x, weight, ctx.geometry, mask)
-        return x_bar, w_bar, b_bar, None
-
-
 class _ConvDoubleBackward(TorchFunctionMode):
     def __torch_function__(
         self, func: Any, types: Any, args: tuple = (), kwargs: Any = None
@@ -118,7 +93,9 @@ class _ConvDoubleBackward(TorchFunctionMode):
         if torch.is_grad_enabled() and not autocast_enabled():
             call = bind_convolution(func, args, kwargs)
             if call is not None:
-                return _Convolution.apply(call.input, call.weight, call.bias, call.geometry)
+                return RoutedConvolution.apply(
+                    call.input, call.weight, call.bias, call.geometry, _ConvolutionBackward.apply
+                )
         return func(*args, **kwargs)
 
 

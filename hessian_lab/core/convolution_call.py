@@ -9,7 +9,7 @@ and :class:`ConvolutionGeometry` replays the forward and PyTorch's own backward 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -64,6 +64,47 @@ class ConvolutionGeometry:
             self.groups,
             mask,
         )
+
+
+#: (ȳ, x, W, geometry, mask) -> (x̄, W̄, b̄), None where the mask asks for nothing: a
+#: convolution's backward as an autograd Function of the caller's choice.
+BackwardMap = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, ConvolutionGeometry, tuple[bool, bool, bool]],
+    tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+]
+
+
+class RoutedConvolution(torch.autograd.Function):
+    """y = x ⋆ W + b with aten's forward; its backward is the given :data:`BackwardMap`.
+
+    The map decides how the backward differentiates under ``create_graph`` (for JVPs only, or
+    exactly for Hessians); without ``create_graph`` any of them is aten's backward.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        geometry: ConvolutionGeometry,
+        backward_map: BackwardMap,
+    ) -> torch.Tensor:
+        """The convolution y = x ⋆ W + b."""
+        ctx.save_for_backward(x, weight)
+        ctx.geometry, ctx.has_bias, ctx.backward_map = geometry, bias is not None, backward_map
+        return geometry.conv(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        """(x̄, W̄, b̄) by the backward map, for the inputs that need them."""
+        x, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        mask = (needs[0], needs[1], ctx.has_bias and needs[2])
+        if not any(mask):
+            return None, None, None, None, None
+        x_bar, w_bar, b_bar = ctx.backward_map(grad_out, x, weight, ctx.geometry, mask)
+        return x_bar, w_bar, b_bar, None, None
 
 
 class ConvolutionCall(NamedTuple):
