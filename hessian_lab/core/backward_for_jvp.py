@@ -91,13 +91,7 @@ class _ConvolutionBackward(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         geometry: ConvolutionGeometry = ctx.geometry
         dx, dw, db = _unmask(tangents, ctx.mask)
-        out = None
-        if dw is not None or db is not None:
-            w = torch.zeros_like(weight) if dw is None else dw
-            out = geometry.conv(x, w, db)
-        if dx is not None:
-            term = geometry.conv(dx, weight, None)
-            out = term if out is None else out + term
+        out = geometry.tangent(x, weight, dx, dw, db)
         return out, None, None, None, None
 
 

@@ -69,13 +69,8 @@ class _ConvolutionBackward(torch.autograd.Function):
         geometry: ConvolutionGeometry = ctx.geometry
         needs = ctx.needs_input_grad
         grad_out_cot = x_in_cot = weight_in_cot = None
-        if needs[0]:  # x̃ ⋆ W + x ⋆ W̃ + b̃
-            if weight_cot is not None or bias_cot is not None:
-                w = torch.zeros_like(weight) if weight_cot is None else weight_cot
-                grad_out_cot = geometry.conv(x, w, bias_cot)
-            if x_cot is not None:
-                term = geometry.conv(x_cot, weight, None)
-                grad_out_cot = term if grad_out_cot is None else grad_out_cot + term
+        if needs[0]:  # x̃ ⋆ W + x ⋆ W̃ + b̃: the convolution's tangent along the cotangents
+            grad_out_cot = geometry.tangent(x, weight, x_cot, weight_cot, bias_cot)
         if needs[1] and weight_cot is not None:  # ȳ ⋆ᵀ W̃: the input gradient with W̃
             x_in_cot = geometry.backward(grad_out, x, weight_cot, False, [True, False, False])[0]
         if needs[2] and x_cot is not None:  # x̃ ⋆ ȳ: the weight gradient with input x̃

@@ -41,6 +41,24 @@ class ConvolutionGeometry:
         """The convolution y = x ⋆ W + b with this geometry."""
         return self.func(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def tangent(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        x_dot: torch.Tensor | None,
+        weight_dot: torch.Tensor | None,
+        bias_dot: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """ẏ = ẋ ⋆ W + x ⋆ Ẇ + ḃ, the convolution's tangent; None when all three are None."""
+        out = None
+        if weight_dot is not None or bias_dot is not None:
+            w = torch.zeros_like(weight) if weight_dot is None else weight_dot
+            out = self.conv(x, w, bias_dot)
+        if x_dot is not None:
+            term = self.conv(x_dot, weight, None)
+            out = term if out is None else out + term
+        return out
+
     def backward(
         self,
         grad_out: torch.Tensor,
