@@ -26,7 +26,9 @@ its own extra probes).
 Every time is the minimum over repeats (after a warm-up), so load from other processes on a shared
 machine inflates it least; on CPU the clock is the process's CPU time (run with ``--threads 1``).
 ``--matmat`` measures only the ``matmat(16) / column`` row (and the gradient), every operator of
-both libraries in turn within each of ``--rounds`` rounds.
+both libraries in turn within each of ``--rounds`` rounds. ``--first`` measures only the first-20
+and first-100 rows, each sequence of products paired with a sequence of as many gradients timed
+just before it (a mean over a mean, where the main table divides a mean by a minimum).
 
 Run: ``python analyses/benchmark_operators.py --threads 1`` (add
 ``--device cuda`` on a GPU).
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -292,6 +295,68 @@ def _matmat_rows(short: str, model: nn.Module, batch, device: torch.device, args
     print(f"| matmat(16) / column | {cells} |")
 
 
+def first_products_table(device: torch.device, args) -> None:
+    """Print the ``--first`` tables: a new operator's first k products against k gradients.
+
+    The ``first 20 (mean)`` / ``first 100 (mean)`` rows of the main table divide a mean (one
+    sequence of products, noise included) by a minimum (the best of ``--repeats`` gradients), which
+    reads 20-30% high on a shared machine. Here each sequence is paired with a sequence of k
+    gradients timed just before it, every operator of both libraries in turn within each of
+    ``--rounds`` rounds; a cell is the median over rounds of (new operator + k products) ÷
+    (k gradients), with the rounds' range after it.
+    """
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
+    for short in args.models.split(","):
+        torch.manual_seed(0)
+        _first_rows(short, *MODELS[short](), device, args)
+
+
+def _first_rows(short: str, model: nn.Module, batch, device: torch.device, args) -> None:
+    model = model.to(device)
+    batch = tuple(t.to(device) for t in batch)
+    loss = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+    P = sum(p.numel() for p in params)
+    vs = torch.randn(100, P, device=device)
+
+    def gradient() -> None:
+        torch.autograd.grad(loss(model(batch[0]), batch[1]), params)
+
+    def gradients(k: int) -> float:
+        sync(device)
+        t0 = clock(device)
+        for _ in range(k):
+            gradient()
+        sync(device)
+        return clock(device) - t0
+
+    makes = {
+        (library, kind): factory(kind)
+        for library, factory in (("hessian_lab", ours), ("curvlinops", peer))
+        for kind in ("H", "Q", "GN")
+    }
+    makes = {key: make for key, make in makes.items() if make is not None}
+    ratios: dict[tuple[str, str, int], list[float]] = {}
+    gradient()  # warm-up, and each operator's one-time costs (the "process's first product" row)
+    for make in makes.values():
+        mean_of_first(make, model, loss, batch, vs, 2, device)
+    for _ in range(args.rounds):
+        for k in (20, 100):
+            for key, make in makes.items():
+                unit = gradients(k)
+                seq = mean_of_first(make, model, loss, batch, vs, k, device) * k
+                ratios.setdefault((*key, k), []).append(seq / unit)
+    print(f"\n### {short} (P={P}), {args.rounds} rounds\n")
+    print("| paired ratio | " + " | ".join(f"{lib} {op}" for lib, op in makes) + " |")
+    print("|---|" + "---:|" * len(makes))
+    for k in (20, 100):
+        cells = []
+        for lib, op in makes:
+            r = ratios[(lib, op, k)]
+            cells.append(f"{statistics.median(r):.2f} ({min(r):.2f}–{max(r):.2f})")
+        print(f"| first {k} ÷ {k} gradients | " + " | ".join(cells) + " |")
+
+
 def benchmark(
     name: str, short: str, model: nn.Module, batch, device: torch.device, args
 ) -> list[dict]:
@@ -365,7 +430,13 @@ def main() -> None:
         action="store_true",
         help="only the matmat(16) / column row, libraries interleaved over --rounds rounds",
     )
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of --matmat")
+    parser.add_argument(
+        "--first",
+        action="store_true",
+        help="only the first-20/100 rows, each paired with as many gradients, over --rounds rounds",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of --matmat and --first")
+    parser.add_argument("--models", default="mlp,cnn", help="models of --first")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -382,6 +453,9 @@ def main() -> None:
         return
     if args.matmat:
         matmat_table(device, args)
+        return
+    if args.first:
+        first_products_table(device, args)
         return
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     rows = []

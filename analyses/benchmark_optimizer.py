@@ -20,6 +20,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import statistics
 import time
@@ -77,9 +78,10 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     return run
 
 
-def bench_model(
-    name: str, device: torch.device, repeats: int, warmup: int, jvp_method: str
-) -> dict[str, float]:
+def make_steps(
+    name: str, device: torch.device, jvp_method: str
+) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, Callable[[], object]], int]:
+    """The model, its initial θ, one step callable per column ("sgd" first) and the batch size."""
     kwargs, batch = MODELS[name]
     torch.manual_seed(0)
     model = build_model(name, in_shape=(3, 32, 32), num_classes=10, **kwargs).to(device)
@@ -87,7 +89,6 @@ def bench_model(
     y = torch.randint(0, 10, (batch,), device=device)
     loss_fn = nn.CrossEntropyLoss()
     theta0 = copy.deepcopy(model.state_dict())
-    timer = _timer(device)
 
     sgd = torch.optim.SGD(model.parameters(), lr=1e-3)
 
@@ -116,7 +117,14 @@ def bench_model(
                 opt.step()
 
         steps[config_key(curvature, fraction, pattern)] = step
+    return model, theta0, steps, batch
 
+
+def bench_model(
+    name: str, device: torch.device, repeats: int, warmup: int, jvp_method: str
+) -> dict[str, float]:
+    model, theta0, steps, batch = make_steps(name, device, jvp_method)
+    timer = _timer(device)
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(warmup + repeats):
         for key, fn in steps.items():
@@ -134,6 +142,45 @@ def bench_model(
     return out
 
 
+def breakdown(name: str, column: str, repeats: int, warmup: int, jvp_method: str) -> None:
+    """Print where one ADLER column's step spends its time, operation by operation, against SGD."""
+    model, theta0, steps, _ = make_steps(name, torch.device("cpu"), jvp_method)
+    if column not in steps:
+        raise SystemExit(f"--breakdown: no column {column!r}; choose from {sorted(steps)}")
+    # Self CPU time per operation (torch.profiler, wall clock of this thread, children excluded),
+    # backward operations included: the autograd engine runs them in this thread on CPU.
+    seconds = {k: collections.Counter() for k in ("sgd", column)}
+    calls = {k: collections.Counter() for k in ("sgd", column)}
+    for r in range(warmup + repeats):
+        for key in seconds:  # interleaved, as in the step table
+            model.load_state_dict(theta0)
+            if r < warmup:
+                steps[key]()
+                continue
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                steps[key]()
+            for event in prof.key_averages():
+                if event.key.startswith("aten::"):
+                    seconds[key][event.key] += event.self_cpu_time_total / 1e6
+                    calls[key][event.key] += event.count
+    per_step = {k: sum(c.values()) / repeats * 1e3 for k, c in seconds.items()}
+    print(
+        f"\n### {name}, {column} ({jvp_method}): aten operations' self time per step, SGD "
+        f"{per_step['sgd']:.1f} ms, ADLER {per_step[column]:.1f} ms, ratio "
+        f"{per_step[column] / per_step['sgd']:.2f}\n"
+    )
+    print("| operation | SGD calls | SGD ms | ADLER calls | ADLER ms | ADLER − SGD ms |")
+    print("|---|---|---|---|---|---|")
+    sgd, adler = seconds["sgd"], seconds[column]
+    names = sorted(set(sgd) | set(adler), key=lambda n: -adler[n])
+    for op in names[:15]:
+        a, b = sgd[op] / repeats * 1e3, adler[op] / repeats * 1e3
+        print(
+            f"| `{op}` | {calls['sgd'][op] // repeats} | {a:.2f} | "
+            f"{calls[column][op] // repeats} | {b:.2f} | {b - a:+.2f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
@@ -146,8 +193,19 @@ def main() -> None:
         default="auto",
         help="comma list of ADLER jvp_method values: auto, forward, double_backward",
     )
+    parser.add_argument(
+        "--breakdown",
+        metavar="COLUMN",
+        help='instead of the table: per-operation CPU time of one column (e.g. "ggn" or '
+        '"ggn f=0.25") against SGD, for each of --models, on CPU',
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.breakdown:
+        for name in args.models.split(","):
+            for method in args.jvp_methods.split(","):
+                breakdown(name, args.breakdown, args.repeats, args.warmup, method)
+        return
     print(f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}")
     print(f"repeats {args.repeats} after {args.warmup} warm-up; ratios = median ADLER / median SGD")
     devices = [d for d in args.devices.split(",") if d != "cuda" or torch.cuda.is_available()]
