@@ -43,6 +43,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -106,6 +107,30 @@ def resnet18(batch_size: int = 32) -> tuple[nn.Module, tuple[torch.Tensor, torch
 MODELS = {"mlp": mlp, "cnn": cnn}
 
 
+class Problem(NamedTuple):
+    """A benchmark model and batch on the device, with what every table needs of them."""
+
+    model: nn.Module
+    batch: tuple[torch.Tensor, ...]
+    loss: nn.Module
+    params: list[torch.Tensor]
+    P: int
+    gradient: Callable[[], object]
+
+
+def on_device(model: nn.Module, batch, device: torch.device) -> Problem:
+    """The model and batch moved to the device, the loss, the parameters and one gradient."""
+    model = model.to(device)
+    batch = tuple(t.to(device) for t in batch)
+    loss = nn.CrossEntropyLoss()
+    params = list(model.parameters())
+
+    def gradient() -> None:
+        torch.autograd.grad(loss(model(batch[0]), batch[1]), params)
+
+    return Problem(model, batch, loss, params, sum(p.numel() for p in params), gradient)
+
+
 def clock(device: torch.device) -> float:
     """The benchmark's clock: the process's CPU time on CPU, wall time on CUDA.
 
@@ -155,21 +180,15 @@ def first_product_in_a_fresh_process(model_name: str, library: str, kind: str, a
 
 def _first_product_child(model_name: str, library: str, kind: str, device: torch.device) -> None:
     torch.manual_seed(0)
-    model, batch = MODELS[model_name]()
-    model = model.to(device)
-    batch = tuple(t.to(device) for t in batch)
-    loss = nn.CrossEntropyLoss()
+    model, batch, loss, _, P, gradient = on_device(*MODELS[model_name](), device)
     make = (ours if library == "hessian_lab" else peer)(kind)
-    v = torch.randn(sum(p.numel() for p in model.parameters()), device=device)
+    v = torch.randn(P, device=device)
     sync(device)
     t0 = clock(device)
     make(model, loss, batch) @ v
     sync(device)
     first = clock(device) - t0
-    params = list(model.parameters())
-    unit = best_time(
-        lambda: torch.autograd.grad(loss(model(batch[0]), batch[1]), params), device, 5
-    )
+    unit = best_time(gradient, device, 5)  # after the first product: its warm-ups stay in it
     print(json.dumps({"ratio": first / unit}))
 
 
@@ -263,11 +282,7 @@ def matmat_table(device: torch.device, args) -> None:
 
 
 def _matmat_rows(short: str, model: nn.Module, batch, device: torch.device, args) -> None:
-    model = model.to(device)
-    batch = tuple(t.to(device) for t in batch)
-    loss = nn.CrossEntropyLoss()
-    params = list(model.parameters())
-    P = sum(p.numel() for p in params)
+    model, batch, loss, _, P, gradient = on_device(model, batch, device)
     v = torch.randn(P, device=device)
     V = torch.randn(P, 16, device=device)
     ops = {}
@@ -277,9 +292,6 @@ def _matmat_rows(short: str, model: nn.Module, batch, device: torch.device, args
             if make is not None:
                 ops[(library, kind)] = make(model, loss, batch)
                 ops[(library, kind)] @ v  # fills any cache
-
-    def gradient() -> None:
-        torch.autograd.grad(loss(model(batch[0]), batch[1]), params)
 
     units: list[float] = []
     per_col: dict[tuple[str, str], list[float]] = {key: [] for key in ops}
@@ -312,15 +324,8 @@ def first_products_table(device: torch.device, args) -> None:
 
 
 def _first_rows(short: str, model: nn.Module, batch, device: torch.device, args) -> None:
-    model = model.to(device)
-    batch = tuple(t.to(device) for t in batch)
-    loss = nn.CrossEntropyLoss()
-    params = list(model.parameters())
-    P = sum(p.numel() for p in params)
+    model, batch, loss, _, P, gradient = on_device(model, batch, device)
     vs = torch.randn(100, P, device=device)
-
-    def gradient() -> None:
-        torch.autograd.grad(loss(model(batch[0]), batch[1]), params)
 
     def gradients(k: int) -> float:
         sync(device)
@@ -360,15 +365,7 @@ def _first_rows(short: str, model: nn.Module, batch, device: torch.device, args)
 def benchmark(
     name: str, short: str, model: nn.Module, batch, device: torch.device, args
 ) -> list[dict]:
-    model = model.to(device)
-    batch = tuple(t.to(device) for t in batch)
-    loss = nn.CrossEntropyLoss()
-    params = [p for p in model.parameters()]
-    P = sum(p.numel() for p in params)
-
-    def gradient() -> None:
-        torch.autograd.grad(loss(model(batch[0]), batch[1]), params)
-
+    model, batch, loss, _, P, gradient = on_device(model, batch, device)
     unit = best_time(gradient, device, args.repeats)
     v = torch.randn(P, device=device)
     V = torch.randn(P, 16, device=device)
