@@ -112,9 +112,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("name", OPERATORS)
+@pytest.mark.usefixtures("one_thread")  # as the ranks run; restored after the test
 def test_sharded_operator_equals_one_process_and_is_identical_on_every_rank(sharded, name, loss):
     world, ranks = sharded
-    torch.set_num_threads(1)
     one = _everything(_operator(name, loss, _shards(world, loss)))
     first = ranks[0][name, loss]
     for key, want in one.items():
