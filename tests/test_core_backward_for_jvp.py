@@ -221,3 +221,29 @@ def test_no_graph_no_reroute():
     with torch.no_grad(), backward_for_jvp():
         y = conv(torch.randn(1, 2, 5, 5))
     assert y.grad_fn is None
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["jvp", "hessian"])
+def test_output_gradient_is_kept_only_where_a_hessian_needs_it(exact):
+    """The Jᵀw graph keeps x and W of a convolution, ȳ only for the exact (Hessian) reroute.
+
+    ȳ enters only the backward's x and W terms (ȳ ⋆ᵀ W̃, x̃ ⋆ ȳ); a JVP by double backward needs
+    neither, and keeping ȳ of every convolution would grow the graph by one activation each.
+    """
+    from hessian_lab.core import conv_double_backward
+
+    conv = nn.Conv2d(2, 3, 3).double()
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    with conv_double_backward() if exact else backward_for_jvp():
+        y = conv(x)
+    w = torch.randn_like(y, requires_grad=True)
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.autograd.grad(y, list(conv.parameters()), w, create_graph=True)
+    assert shapes.count(tuple(x.shape)) == 1 and shapes.count(tuple(conv.weight.shape)) == 1
+    assert shapes.count(tuple(y.shape)) == (1 if exact else 0), shapes

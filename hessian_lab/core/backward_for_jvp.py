@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from hessian_lab.core.convolution_call import (
-    ConvolutionGeometry,
     RoutedConvolution,
     autocast_enabled,
     bind_convolution,
@@ -65,50 +64,6 @@ def _unmask(values: Sequence[torch.Tensor], mask: Sequence[bool]) -> list[torch.
 
 def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
-
-
-class _ConvolutionBackward(torch.autograd.Function):
-    """(x̄, W̄, b̄) = the convolution's backward at fixed x, W, as a linear function of ȳ.
-
-    Its own backward maps (ẋ, Ẇ, ḃ) to ẋ ⋆ W + x ⋆ Ẇ + ḃ: the derivative with respect to ȳ only.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        grad_out: torch.Tensor,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        geometry: ConvolutionGeometry,
-        mask: tuple[bool, bool, bool],
-    ) -> tuple[torch.Tensor, ...]:
-        ctx.save_for_backward(x, weight)
-        ctx.geometry, ctx.mask = geometry, mask
-        return _wanted(geometry.backward(grad_out, x, weight, mask[2], list(mask)), mask)
-
-    @staticmethod
-    def backward(ctx: Any, *tangents: torch.Tensor | None) -> tuple[Any, ...]:
-        x, weight = ctx.saved_tensors
-        geometry: ConvolutionGeometry = ctx.geometry
-        dx, dw, db = _unmask(tangents, ctx.mask)
-        out = geometry.tangent(x, weight, dx, dw, db)
-        return out, None, None, None, None
-
-
-def _jvp_backward_map(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    geometry: ConvolutionGeometry,
-    mask: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor | None, ...]:
-    """The convolution's backward as :class:`_ConvolutionBackward`, differentiable in ȳ only.
-
-    Under create_graph it records the linear map ȳ ↦ (x̄, W̄, b̄), otherwise it is aten's
-    backward; x and W enter as constants.
-    """
-    linear_map = _ConvolutionBackward.apply(grad_out, x.detach(), weight.detach(), geometry, mask)
-    return tuple(_unmask(linear_map, mask))
 
 
 class _LayerNormBackward(torch.autograd.Function):
@@ -183,7 +138,7 @@ class _LayerNorm(torch.autograd.Function):
         mask = (needs[0], weight is not None and needs[2], bias is not None and needs[3])
         if not any(mask):
             return None, None, None, None, None
-        # As in _jvp_backward_map: the linear map ȳ ↦ (x̄, γ̄, β̄), differentiable in ȳ only.
+        # As for convolutions: the linear map ȳ ↦ (x̄, γ̄, β̄), differentiable in ȳ only.
         linear_map = _LayerNormBackward.apply(
             grad_out, x.detach(), ctx.shape, mean, rstd, _detached(weight), _detached(bias), mask
         )
@@ -285,7 +240,7 @@ class _BatchNormEval(torch.autograd.Function):
         mask = (needs[0], weight is not None and needs[3], ctx.has_bias and needs[4])
         if not any(mask):
             return None, None, None, None, None, None
-        # As in _jvp_backward_map: the linear map ȳ ↦ (x̄, γ̄, β̄), differentiable in ȳ only.
+        # As for convolutions: the linear map ȳ ↦ (x̄, γ̄, β̄), differentiable in ȳ only.
         linear_map = _BatchNormEvalBackward.apply(
             grad_out, x.detach(), mean, var, _detached(weight), ctx.eps, mask
         )
@@ -331,9 +286,7 @@ class _BackwardForJVP(TorchFunctionMode):
             return func(*args, **kwargs) if out is None else out
         call = bind_convolution(func, args, kwargs)
         if call is not None:  # string padding and unusual arguments keep PyTorch's own path
-            return RoutedConvolution.apply(
-                call.input, call.weight, call.bias, call.geometry, _jvp_backward_map
-            )
+            return RoutedConvolution.apply(call.input, call.weight, call.bias, call.geometry, False)
         return func(*args, **kwargs)
 
 

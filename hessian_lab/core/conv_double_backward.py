@@ -34,50 +34,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from hessian_lab.core.convolution_call import (
-    ConvolutionGeometry,
     RoutedConvolution,
     autocast_enabled,
     bind_convolution,
 )
-
-
-class _ConvolutionBackward(torch.autograd.Function):
-    """(x̄, W̄, b̄) of a convolution as a function of (ȳ, x, W), with the exact backward above."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        grad_out: torch.Tensor,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        geometry: ConvolutionGeometry,
-        mask: tuple[bool, bool, bool],
-    ) -> tuple[torch.Tensor | None, ...]:
-        ctx.save_for_backward(grad_out, x, weight)
-        ctx.geometry, ctx.mask = geometry, mask
-        ctx.set_materialize_grads(False)
-        return tuple(geometry.backward(grad_out, x, weight, mask[2], list(mask)))
-
-    @staticmethod
-    def backward(
-        ctx: Any,
-        x_cot: torch.Tensor | None,
-        weight_cot: torch.Tensor | None,
-        bias_cot: torch.Tensor | None,
-    ) -> tuple[Any, ...]:
-        grad_out, x, weight = ctx.saved_tensors
-        geometry: ConvolutionGeometry = ctx.geometry
-        needs = ctx.needs_input_grad
-        grad_out_cot = x_in_cot = weight_in_cot = None
-        if needs[0]:  # x̃ ⋆ W + x ⋆ W̃ + b̃: the convolution's tangent along the cotangents
-            grad_out_cot = geometry.tangent(x, weight, x_cot, weight_cot, bias_cot)
-        if needs[1] and weight_cot is not None:  # ȳ ⋆ᵀ W̃: the input gradient with W̃
-            x_in_cot = geometry.backward(grad_out, x, weight_cot, False, [True, False, False])[0]
-        if needs[2] and x_cot is not None:  # x̃ ⋆ ȳ: the weight gradient with input x̃
-            weight_in_cot = geometry.backward(grad_out, x_cot, weight, False, [False, True, False])[
-                1
-            ]
-        return grad_out_cot, x_in_cot, weight_in_cot, None, None
 
 
 class _ConvDoubleBackward(TorchFunctionMode):
@@ -89,7 +49,7 @@ class _ConvDoubleBackward(TorchFunctionMode):
             call = bind_convolution(func, args, kwargs)
             if call is not None:
                 return RoutedConvolution.apply(
-                    call.input, call.weight, call.bias, call.geometry, _ConvolutionBackward.apply
+                    call.input, call.weight, call.bias, call.geometry, True
                 )
         return func(*args, **kwargs)
 

@@ -1,15 +1,17 @@
-"""A call of ``F.conv1d``/``conv2d``/``conv3d`` read into its tensors and geometry.
+"""Convolutions through the library's own autograd Functions, shared by two modes.
 
-The modes that run convolutions through the library's own autograd Functions
-(:mod:`~hessian_lab.core.backward_for_jvp`, :mod:`~hessian_lab.core.convolution_hessian`) see
-the functional call with positional and keyword arguments; :func:`bind_convolution` reads it,
-and :class:`ConvolutionGeometry` replays the forward and PyTorch's own backward kernels
-(``aten.convolution_backward``) with the same stride, padding, dilation and groups.
+The modes (:mod:`~hessian_lab.core.backward_for_jvp` for JVPs by double backward,
+:mod:`~hessian_lab.core.conv_double_backward` for Hessians) see the functional call with
+positional and keyword arguments; :func:`bind_convolution` reads it, :class:`ConvolutionGeometry`
+replays the forward, the tangent and PyTorch's own backward kernels (``aten.convolution_backward``)
+with the same stride, padding, dilation and groups, and :class:`RoutedConvolution` runs the
+convolution with :class:`LeanConvolutionBackward` as its backward, differentiable in the output
+gradient only (``exact=False``) or in everything (``exact=True``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -84,19 +86,68 @@ class ConvolutionGeometry:
         )
 
 
-#: (ȳ, x, W, geometry, mask) -> (x̄, W̄, b̄), None where the mask asks for nothing: a
-#: convolution's backward as an autograd Function of the caller's choice.
-BackwardMap = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, ConvolutionGeometry, tuple[bool, bool, bool]],
-    tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
-]
+class LeanConvolutionBackward(torch.autograd.Function):
+    """(x̄, W̄, b̄) = a convolution's backward as a function of (ȳ, x, W), with a lean backward.
+
+    Forward: aten's ``convolution_backward`` for what ``mask`` asks (None elsewhere). Backward,
+    given the cotangents (x̃, W̃, b̃) of the three outputs, computes only what the inputs need:
+
+    * ȳ: x̃ ⋆ W + x ⋆ W̃ + b̃, the convolution's tangent along the cotangents (two convolutions);
+    * x (if it requires grad): ȳ ⋆ᵀ W̃, the input gradient with W̃;
+    * W (if it requires grad): x̃ ⋆ ȳ, the weight gradient with input x̃.
+
+    Called with x and W detached it is differentiable in ȳ only, what a JVP by double backward
+    needs (:mod:`~hessian_lab.core.backward_for_jvp`), and ȳ is not kept; with x and W live it
+    is exact for Hessians (:mod:`~hessian_lab.core.conv_double_backward`). Every term is an
+    ordinary differentiable operation, so higher derivatives stay exact.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        grad_out: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        geometry: ConvolutionGeometry,
+        mask: tuple[bool, bool, bool],
+    ) -> tuple[torch.Tensor | None, ...]:
+        """(x̄, W̄, b̄) where ``mask`` asks for them, None elsewhere (aten's kernels)."""
+        needs = ctx.needs_input_grad
+        # ȳ is needed again only for the x and W terms: a JVP's graph does not keep it.
+        ctx.save_for_backward(grad_out if needs[1] or needs[2] else None, x, weight)
+        ctx.geometry = geometry
+        ctx.set_materialize_grads(False)
+        return tuple(geometry.backward(grad_out, x, weight, mask[2], list(mask)))
+
+    @staticmethod
+    def backward(
+        ctx: Any,
+        x_cot: torch.Tensor | None,
+        weight_cot: torch.Tensor | None,
+        bias_cot: torch.Tensor | None,
+    ) -> tuple[Any, ...]:
+        """The cotangents of (ȳ, x, W): the three terms of the class docstring, as needed."""
+        grad_out, x, weight = ctx.saved_tensors
+        geometry: ConvolutionGeometry = ctx.geometry
+        needs = ctx.needs_input_grad
+        grad_out_cot = x_in_cot = weight_in_cot = None
+        if needs[0]:
+            grad_out_cot = geometry.tangent(x, weight, x_cot, weight_cot, bias_cot)
+        if needs[1] and weight_cot is not None:
+            x_in_cot = geometry.backward(grad_out, x, weight_cot, False, [True, False, False])[0]
+        if needs[2] and x_cot is not None:
+            weight_in_cot = geometry.backward(grad_out, x_cot, weight, False, [False, True, False])[
+                1
+            ]
+        return grad_out_cot, x_in_cot, weight_in_cot, None, None
 
 
 class RoutedConvolution(torch.autograd.Function):
-    """y = x ⋆ W + b with aten's forward; its backward is the given :data:`BackwardMap`.
+    """y = x ⋆ W + b with aten's forward; its backward is :class:`LeanConvolutionBackward`.
 
-    The map decides how the backward differentiates under ``create_graph`` (for JVPs only, or
-    exactly for Hessians); without ``create_graph`` any of them is aten's backward.
+    ``exact=False``: x and W enter the backward as constants, so a backward built under
+    ``create_graph`` differentiates in ȳ only (JVPs by double backward); ``exact=True``: in ȳ, x
+    and W (Hessians). Without ``create_graph`` both are aten's backward.
     """
 
     @staticmethod
@@ -106,22 +157,24 @@ class RoutedConvolution(torch.autograd.Function):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         geometry: ConvolutionGeometry,
-        backward_map: BackwardMap,
+        exact: bool,
     ) -> torch.Tensor:
         """The convolution y = x ⋆ W + b."""
         ctx.save_for_backward(x, weight)
-        ctx.geometry, ctx.has_bias, ctx.backward_map = geometry, bias is not None, backward_map
+        ctx.geometry, ctx.has_bias, ctx.exact = geometry, bias is not None, exact
         return geometry.conv(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        """(x̄, W̄, b̄) by the backward map, for the inputs that need them."""
+        """(x̄, W̄, b̄) for the inputs that need them."""
         x, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
         mask = (needs[0], needs[1], ctx.has_bias and needs[2])
         if not any(mask):
             return None, None, None, None, None
-        x_bar, w_bar, b_bar = ctx.backward_map(grad_out, x, weight, ctx.geometry, mask)
+        if not ctx.exact:
+            x, weight = x.detach(), weight.detach()
+        x_bar, w_bar, b_bar = LeanConvolutionBackward.apply(grad_out, x, weight, ctx.geometry, mask)
         return x_bar, w_bar, b_bar, None, None
 
 
